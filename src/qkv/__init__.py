@@ -1,0 +1,20 @@
+"""qkv: self-attention for PyTorch, from the math to the fastest kernels.
+
+One entry point, :func:`attention`, serves every variant; masks (:mod:`qkv.masks`) and score
+modifiers (:mod:`qkv.scores`) describe the problem, backends (:mod:`qkv.backends`) solve it, and
+:func:`explain_dispatch` tells which one runs and why.
+"""
+
+from . import masks, scores
+from .attention import attention, attention_weights
+from .dispatch import explain_dispatch
+from .masks import (Mask, block_sparse, causal, document, from_function, from_tensor, global_tokens,
+                    key_padding, prefix_lm, sliding_window)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention", "attention_weights", "explain_dispatch", "masks", "scores", "Mask",
+    "causal", "sliding_window", "key_padding", "document", "prefix_lm", "global_tokens",
+    "block_sparse", "from_tensor", "from_function",
+]

@@ -1,0 +1,25 @@
+"""Attention backends and their registry.
+
+Each backend implements :class:`~qkv.backends.base.Backend`: it says what it cannot serve and why,
+estimates its run time, and runs. :mod:`qkv.dispatch` picks among the registered ones.
+"""
+
+from __future__ import annotations
+
+from .base import Backend
+from .reference import ReferenceBackend
+from .sdpa import SdpaBackend
+from .tiled import TiledBackend, TileSizes
+
+REGISTRY: dict[str, Backend] = {}
+
+
+def register(backend: Backend) -> None:
+    """Make ``backend`` available to the dispatcher under ``backend.name``."""
+    REGISTRY[backend.name] = backend
+
+
+for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend()):
+    register(_backend)
+
+__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend"]

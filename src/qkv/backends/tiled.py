@@ -1,0 +1,296 @@
+"""The flash-attention algorithm in plain PyTorch: O(N) memory, empty tiles skipped.
+
+Forward, for each block of ``block_q`` query rows: walk the key tiles that the mask's block view
+marks non-empty, in *runs* (consecutive full tiles merged into one matmul of up to ``max_run``
+keys; partial tiles merged likewise but tested element by element), and keep the online-softmax
+state per row: running max ``m``, running sum ``l`` and un-normalised output ``acc``::
+
+    s = q_i k_run^T * scale  (+ score_mod, + bias, masked on partial tiles)
+    m' = max(m, rowmax(s));  p = exp(s - m');  l = l * exp(m - m') + rowsum(p)
+    acc = acc * exp(m - m') + p v_run
+
+then ``out = acc / l`` and ``lse = m + log(l)``. Only ``(block_q x max_run)`` scores exist at
+once. Backward recomputes the probabilities tile by tile from ``lse`` (FlashAttention-2's
+recurrence): ``dS = P * (dP - rowsum(dO * O) + dlse)``.
+
+Grouped heads (GQA/MQA) are handled without copying keys: the ``G`` query heads that share a
+key/value head are stacked along the row axis, so each tile is one ``(G * block_q) x run``
+matmul against its key head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import dropout as _dropout
+from ..masks import EMPTY, PARTIAL
+from ..problem import Problem
+from . import costs
+
+NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True)
+class TileSizes:
+    """``block_q`` query rows per step, ``block_k`` keys per tile of the block view, and at most
+    ``max_run`` keys per matmul when consecutive tiles of one kind are merged."""
+
+    block_q: int = 128
+    block_k: int = 128
+    max_run: int = 2048
+
+
+def plan_runs(kinds: Tensor, block_k: int, nk: int, max_run: int) -> list[list[tuple[int, int, bool]]]:
+    """Per query block, the key runs ``(start, end, partial)`` to visit, from ``(nQB, nKB)`` tile
+    kinds. Empty tiles are skipped; neighbours of one kind merge into runs of <= ``max_run`` keys."""
+    tiles_per_run = max(1, max_run // block_k)
+    plan = []
+    for row in kinds.tolist():
+        runs: list[tuple[int, int, bool]] = []
+        j, n = 0, len(row)
+        while j < n:
+            kind = row[j]
+            if kind == EMPTY:
+                j += 1
+                continue
+            end = j + 1
+            while end < n and row[end] == kind and end - j < tiles_per_run:
+                end += 1
+            runs.append((j * block_k, min(end * block_k, nk), kind == PARTIAL))
+            j = end
+        plan.append(runs)
+    return plan
+
+
+class _Tiling:
+    """Everything one call needs to compute tiles: the problem in grouped layout and its plan."""
+
+    def __init__(self, problem: Problem, sizes: TileSizes):
+        p = self.problem = problem
+        self.sizes = sizes
+        self.B, self.Hkv, self.G = p.batch, p.kv_heads, p.group
+        self.cdt = p.compute_dtype
+        dev = p.index_device
+        kinds = p.block_kinds(sizes.block_q, sizes.block_k)
+        self.runs = plan_runs(kinds, sizes.block_k, p.nk, sizes.max_run)
+        self.b_idx = torch.arange(self.B, device=dev).view(-1, 1, 1, 1)
+        self.bias5 = None
+        if p.bias is not None:
+            bias = p.bias
+            hb = bias.shape[1]
+            shape = (bias.shape[0], self.Hkv, self.G) if hb > 1 else (bias.shape[0], 1, 1)
+            self.bias5 = bias.reshape(*shape, *bias.shape[2:])
+
+    def rows(self, i: int) -> tuple[int, int]:
+        r0 = i * self.sizes.block_q
+        return r0, min(r0 + self.sizes.block_q, self.problem.nq)
+
+    def stack_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """``(B, Hq, Nq, d)`` -> rows ``r0:r1`` as ``(B, Hkv, G * rows, d)`` in compute dtype."""
+        B, Hkv, G = self.B, self.Hkv, self.G
+        block = x.reshape(B, Hkv, G, x.shape[2], x.shape[3])[:, :, :, r0:r1]
+        return block.reshape(B, Hkv, G * (r1 - r0), x.shape[3]).to(self.cdt)
+
+    def unstack_rows(self, x: Tensor, r0: int, r1: int) -> Tensor:
+        """Inverse of :meth:`stack_rows` (without the slicing): ``(B, Hq, rows, d)``."""
+        return x.reshape(self.B, self.Hkv * self.G, r1 - r0, x.shape[-1])
+
+    def query_index(self, r0: int, r1: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Head, query position and query row for the stacked rows, each ``(1, ., G * rows, 1)``."""
+        p, G, dev = self.problem, self.G, self.problem.index_device
+        rows = torch.arange(r0, r1, device=dev).repeat(G).view(1, 1, -1, 1)
+        g = torch.arange(G, device=dev).repeat_interleave(r1 - r0).view(1, 1, -1, 1)
+        h = torch.arange(self.Hkv, device=dev).view(1, -1, 1, 1) * G + g
+        return h, rows + (p.nk - p.nq), rows
+
+    def bias_tile(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """The bias for stacked rows ``r0:r1`` and keys ``c0:c1``, broadcastable to the scores."""
+        t = self.bias5
+        t = t[..., r0:r1, :] if t.shape[3] > 1 else t
+        t = t[..., c0:c1] if t.shape[4] > 1 else t
+        if t.shape[2] * t.shape[3] == 1:
+            return t.reshape(t.shape[0], t.shape[1], 1, t.shape[4])
+        t = t.expand(t.shape[0], t.shape[1], self.G, r1 - r0, t.shape[4])
+        return t.reshape(t.shape[0], t.shape[1], self.G * (r1 - r0), t.shape[4])
+
+    def reduce_to_bias(self, ds: Tensor, r0: int, r1: int) -> Tensor:
+        """Sum a stacked ``(B, Hkv, G*rows, keys)`` score gradient to the bias's broadcast shape."""
+        ds = ds.reshape(self.B, self.Hkv, self.G, r1 - r0, ds.shape[-1])
+        target = list(self.bias5.shape)
+        if target[3] > 1:
+            target[3] = r1 - r0
+        if target[4] > 1:
+            target[4] = ds.shape[-1]
+        dims = [d for d in range(5) if target[d] == 1 and ds.shape[d] > 1]
+        return ds.sum(dim=dims, keepdim=True) if dims else ds
+
+    def modified_scores(self, s: Tensor, r0, r1, c0, c1, partial: bool, mod_tensors=None) -> Tensor:
+        """Apply score modifier, bias and (on partial runs) the mask to raw scaled scores."""
+        p = self.problem
+        if p.score_mod is None and self.bias5 is None and not partial:
+            return s
+        h, qpos, _ = self.query_index(r0, r1)
+        kpos = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
+        if p.score_mod is not None:
+            tensors = p.score_mod.tensors if mod_tensors is None else mod_tensors
+            s = p.score_mod.apply(tensors, s, self.b_idx, h, qpos, kpos)
+        if self.bias5 is not None:
+            s = s + self.bias_tile(r0, r1, c0, c1).to(s.dtype)
+        if partial:
+            s = s.masked_fill(~p.mask.allowed(self.b_idx, h, qpos, kpos), NEG_INF)
+        return s
+
+    def dropout_scale(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
+        """Keep-mask times ``1 / (1 - p)`` for stacked rows ``r0:r1`` and keys ``c0:c1``."""
+        p = self.problem
+        h, _, rows = self.query_index(r0, r1)
+        cols = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
+        keep = _dropout.keep_mask(p.seed, p.dropout_p, self.b_idx, h, p.q_heads, rows, cols)
+        return keep.to(self.cdt) / (1.0 - p.dropout_p)
+
+
+def _forward(t: _Tiling, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    p = t.problem
+    out = torch.zeros(p.batch, p.q_heads, p.nq, p.v_dim, dtype=p.dtype, device=p.device)
+    lse = torch.full((p.batch, p.q_heads, p.nq), NEG_INF, dtype=t.cdt, device=p.device)
+    k, v = k.to(t.cdt), v.to(t.cdt)
+    for i, runs in enumerate(t.runs):
+        if not runs:
+            continue
+        r0, r1 = t.rows(i)
+        qi = t.stack_rows(q, r0, r1) * p.scale
+        m = torch.full((*qi.shape[:-1], 1), NEG_INF, dtype=t.cdt, device=p.device)
+        l = torch.zeros_like(m)
+        acc = torch.zeros(*qi.shape[:-1], p.v_dim, dtype=t.cdt, device=p.device)
+        for c0, c1, partial in runs:
+            s = t.modified_scores(qi @ k[:, :, c0:c1].transpose(-1, -2), r0, r1, c0, c1, partial)
+            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
+            m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)
+            probs = s.sub_(m_safe).exp_()
+            alpha = torch.exp(m - m_safe)
+            l = l * alpha + probs.sum(dim=-1, keepdim=True)
+            if p.dropout_p > 0:
+                probs = probs * t.dropout_scale(r0, r1, c0, c1)
+            acc.mul_(alpha).add_(probs @ v[:, :, c0:c1])
+            m = m_new
+        seen = l > 0
+        o = torch.where(seen, acc / torch.where(seen, l, torch.ones_like(l)), torch.zeros_like(acc))
+        m_safe = m.masked_fill(m == NEG_INF, 0.0)
+        row_lse = torch.where(seen, m_safe + torch.log(torch.where(seen, l, torch.ones_like(l))), m)
+        out[:, :, r0:r1] = t.unstack_rows(o, r0, r1).to(p.dtype)
+        lse[:, :, r0:r1] = t.unstack_rows(row_lse, r0, r1).squeeze(-1)
+    return out, lse
+
+
+def _backward(t: _Tiling, q, k, v, out, lse, dout, dlse, needs):
+    """Gradients for (q, k, v, bias, *score_mod tensors), recomputing probabilities from ``lse``."""
+    p = t.problem
+    cdt = t.cdt
+    k, v = k.to(cdt), v.to(cdt)
+    dq = torch.zeros(p.batch, p.q_heads, p.nq, p.head_dim, dtype=cdt, device=p.device)
+    dk = torch.zeros(p.batch, p.kv_heads, p.nk, p.head_dim, dtype=cdt, device=p.device)
+    dv = torch.zeros(p.batch, p.kv_heads, p.nk, p.v_dim, dtype=cdt, device=p.device)
+    dbias = torch.zeros_like(t.bias5, dtype=cdt) if needs["bias"] else None
+    mod = p.score_mod
+    mod_grads_wanted = mod is not None and any(needs["mod"])
+    dmod = [torch.zeros_like(x, dtype=cdt) if w else None for x, w in zip(mod.tensors, needs["mod"])] if mod else []
+    detached_mod = [x.detach().requires_grad_(w) for x, w in zip(mod.tensors, needs["mod"])] if mod else None
+    for i, runs in enumerate(t.runs):
+        if not runs:
+            continue
+        r0, r1 = t.rows(i)
+        qi = t.stack_rows(q, r0, r1) * p.scale
+        do = t.stack_rows(dout, r0, r1)
+        o = t.stack_rows(out, r0, r1)
+        li = t.stack_rows(lse.unsqueeze(-1), r0, r1)
+        li = li.masked_fill(li == NEG_INF, float("inf"))  # rows that saw nothing: P = 0
+        delta = (do * o).sum(dim=-1, keepdim=True)
+        if dlse is not None:
+            delta = delta - t.stack_rows(dlse.unsqueeze(-1), r0, r1)
+        dqi = torch.zeros_like(qi)
+        for c0, c1, partial in runs:
+            kj, vj = k[:, :, c0:c1], v[:, :, c0:c1]
+            raw = qi @ kj.transpose(-1, -2)
+            if mod_grads_wanted or (mod is not None and needs["q_or_k"]):
+                with torch.enable_grad():
+                    raw_leaf = raw.detach().requires_grad_(needs["q_or_k"])
+                    s_mod = t.modified_scores(raw_leaf, r0, r1, c0, c1, partial, detached_mod)
+                s = s_mod.detach()
+            else:
+                s_mod = None
+                s = t.modified_scores(raw, r0, r1, c0, c1, partial)
+            probs = torch.exp(s - li)
+            dp = do @ vj.transpose(-1, -2)
+            if p.dropout_p > 0:
+                scale_keep = t.dropout_scale(r0, r1, c0, c1)
+                dv[:, :, c0:c1] += (probs * scale_keep).transpose(-1, -2) @ do
+                dp = dp * scale_keep
+            else:
+                dv[:, :, c0:c1] += probs.transpose(-1, -2) @ do
+            ds = probs * (dp - delta)
+            if dbias is not None:
+                reduced = t.reduce_to_bias(ds, r0, r1)
+                rs = slice(r0, r1) if dbias.shape[3] > 1 else slice(None)
+                cs = slice(c0, c1) if dbias.shape[4] > 1 else slice(None)
+                dbias[..., rs, cs] += reduced
+            if s_mod is not None:
+                wrt = [x for x in (raw_leaf, *detached_mod) if x.requires_grad]
+                grads = iter(torch.autograd.grad(s_mod, wrt, ds))
+                ds = next(grads) if raw_leaf.requires_grad else None
+                for n, x in enumerate(detached_mod):
+                    if x.requires_grad:
+                        dmod[n] += next(grads)
+            if ds is not None:
+                dqi += ds @ kj
+                dk[:, :, c0:c1] += ds.transpose(-1, -2) @ qi
+        dq[:, :, r0:r1] = t.unstack_rows(dqi * p.scale, r0, r1)
+    if dbias is not None:
+        dbias = dbias.reshape(p.bias.shape).to(p.bias.dtype)
+    return (dq.to(q.dtype), dk.to(p.dtype), dv.to(p.dtype), dbias,
+            *[None if g is None else g.to(x.dtype) for g, x in zip(dmod, mod.tensors if mod else [])])
+
+
+class _TiledFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tiling: _Tiling, q, k, v, bias, *mod_tensors):
+        out, lse = _forward(tiling, q, k, v)
+        ctx.tiling = tiling
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        t = ctx.tiling
+        needs = {
+            "bias": ctx.needs_input_grad[4],
+            "mod": list(ctx.needs_input_grad[5:]),
+            "q_or_k": ctx.needs_input_grad[1] or ctx.needs_input_grad[2],
+        }
+        if dout is None:
+            dout = torch.zeros_like(out)
+        grads = _backward(t, q, k, v, out, lse, dout.contiguous(), dlse, needs)
+        return (None, *grads)
+
+
+class TiledBackend:
+    """Flash attention in PyTorch (see module docstring); runs on any device, any dtype."""
+
+    name = "tiled"
+
+    def __init__(self, sizes: TileSizes | None = None):
+        self.sizes = sizes or TileSizes()
+
+    def unsupported(self, problem: Problem) -> list[str]:
+        return []
+
+    def estimate(self, problem: Problem) -> float:
+        return costs.tiled(problem, self.sizes)
+
+    def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
+        tiling = _Tiling(problem, self.sizes)
+        mod_tensors = problem.score_mod.tensors if problem.score_mod is not None else ()
+        return _TiledFunction.apply(tiling, problem.q, problem.k, problem.v, problem.bias, *mod_tensors)

@@ -1,0 +1,88 @@
+"""Choosing a backend, and saying why.
+
+Every registered backend lists what it cannot do for a problem; among those that can, the one
+with the lowest estimated run time wins. ``backend="name"`` forces a choice and fails with that
+backend's reasons. :func:`explain_dispatch` shows the whole decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .backends import REGISTRY
+from .problem import Problem, make_problem
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """The outcome of dispatching one problem: the chosen backend, and for every registered
+    backend its estimated seconds (None where it cannot run) and the reasons it cannot."""
+
+    chosen: str
+    forced: bool
+    estimates: dict[str, float | None]
+    reasons: dict[str, list[str]]
+    problem_summary: str
+
+    def __str__(self) -> str:
+        how = "forced by backend=" if self.forced else "auto: lowest estimate among supporting backends"
+        lines = [f"problem: {self.problem_summary}", f"chosen:  {self.chosen} ({how})"]
+        for name, est in sorted(self.estimates.items(), key=lambda kv: (kv[1] is None, kv[1] or 0)):
+            mark = "*" if name == self.chosen else " "
+            if est is None:
+                lines.append(f" {mark} {name:<10} cannot run: " + "; ".join(self.reasons[name]))
+            else:
+                lines.append(f" {mark} {name:<10} ~{_seconds(est)}")
+        return "\n".join(lines)
+
+
+def _seconds(t: float) -> str:
+    return f"{t * 1e3:.3g} ms" if t < 1 else f"{t:.3g} s"
+
+
+def summarize(p: Problem) -> str:
+    heads = f"Hq={p.q_heads}" + (f"/Hkv={p.kv_heads}" if p.kv_heads != p.q_heads else "")
+    parts = [f"B={p.batch} {heads} Nq={p.nq} Nk={p.nk} D={p.head_dim}"
+             + (f" Dv={p.v_dim}" if p.v_dim != p.head_dim else ""), str(p.dtype).replace("torch.", ""),
+             p.device.type]
+    if p.mask is not None:
+        parts.append(f"mask={p.mask!r}")
+    if p.bias is not None:
+        parts.append(f"bias{tuple(p.bias.shape)}")
+    if p.score_mod is not None:
+        parts.append(f"score_mod={p.score_mod!r}")
+    if p.dropout_p:
+        parts.append(f"dropout_p={p.dropout_p}")
+    if p.requires_grad:
+        parts.append("with grad")
+    return ", ".join(parts)
+
+
+def choose(problem: Problem, backend: str | None = None) -> Dispatch:
+    """Pick the backend for ``problem`` (or check the forced one). Raises ``ValueError`` if the
+    named backend does not exist or cannot run the problem, quoting its reasons."""
+    if backend is not None and backend not in REGISTRY:
+        raise ValueError(f"backend must be None or one of {sorted(REGISTRY)}, got {backend!r}")
+    reasons = {name: b.unsupported(problem) for name, b in REGISTRY.items()}
+    estimates = {name: (None if reasons[name] else REGISTRY[name].estimate(problem)) for name in REGISTRY}
+    if backend is not None:
+        if reasons[backend]:
+            able = [n for n in REGISTRY if not reasons[n]]
+            raise ValueError(f"backend={backend!r} cannot run this problem: " + "; ".join(reasons[backend])
+                             + f". Backends that can: {', '.join(able)}")
+        chosen = backend
+    else:
+        chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
+    return Dispatch(chosen, backend is not None, estimates, reasons, summarize(problem))
+
+
+def explain_dispatch(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,
+                     return_lse=False, backend=None) -> Dispatch:
+    """Which backend :func:`qkv.attention` would run for these arguments, and why.
+
+    Takes the same arguments as :func:`qkv.attention` (``meta`` tensors work: nothing is computed).
+    ``print()`` the result for a table of estimates and reasons.
+    """
+    problem = make_problem(q, k, v, mask, scale=scale, score_mod=score_mod, dropout_p=dropout_p,
+                           generator=generator, return_lse=return_lse)
+    return choose(problem, backend)
