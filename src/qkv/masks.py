@@ -443,7 +443,8 @@ class BlockSparse(Mask):
         r0, r1, c0, c1 = r0[:, None], r1[:, None], c0[None, :], c1[None, :]
         count = sums[..., r1, c1] - sums[..., r0, c1] - sums[..., r1, c0] + sums[..., r0, c0]
         area = (r1 - r0).clamp(min=0) * (c1 - c0)
-        return tile_kinds(count == 0, (count == area) & (area > 0))
+        no_negative_rows = (qf >= 0)[:, None]  # queries before position 0 see nothing
+        return tile_kinds(count == 0, (count == area) & (area > 0) & no_negative_rows)
 
     def __repr__(self):
         return f"block_sparse(<{tuple(self.layout.shape)} layout>, block_size={self.block_size})"
@@ -457,13 +458,14 @@ class TensorMask(Mask):
             raise TypeError("from_tensor: expected a bool tensor (True = may attend)")
         if tensor.dim() > 4:
             raise ValueError(f"mask: expected at most 4 dims (B, H, Nq, Nk), got shape {tuple(tensor.shape)}")
+        self.given_shape = tuple(tensor.shape)
         self.tensor = _as_4d(tensor)
 
     def bind(self, batch, heads, nq, nk, device):
         expected = (batch, heads, nq, nk)
         for size, want, name in zip(self.tensor.shape, expected, ("batch", "heads", "Nq", "Nk")):
             if size not in (1, want):
-                raise ValueError(f"mask: shape {tuple(self.tensor.shape)} does not broadcast to "
+                raise ValueError(f"mask: shape {self.given_shape} does not broadcast to "
                                  f"(B, H, Nq, Nk) = {expected} ({name}: {size} vs {want})")
         if device is not None and self.tensor.device != torch.device(device):
             raise ValueError(f"mask: on {self.tensor.device}, but q is on {device}")
@@ -485,7 +487,7 @@ class TensorMask(Mask):
         return self.tensor
 
     def __repr__(self):
-        return f"from_tensor(<{tuple(self.tensor.shape)}>)"
+        return f"from_tensor(<{self.given_shape}>)"
 
 
 class FunctionMask(Mask):
@@ -548,14 +550,33 @@ class Not(_Combined):
         return f"~{self.parts[0]!r}"
 
 
-class PrefixLM(Or):
-    """Prefix-LM: the first ``prefix_len[b]`` keys are visible to every query, the rest causally."""
+class PrefixLM(Mask):
+    """Prefix-LM: the first ``prefix_len[b]`` keys are visible to every query, the rest causally.
+    A prefix longer than the sequence makes the whole sequence bidirectional."""
 
-    def __init__(self, *parts: Mask):
-        super().__init__(*parts)
+    def __init__(self, prefix_len):
+        self.prefix_len = _int_vector("prefix_lm: prefix_len", prefix_len)
+        if self.prefix_len.numel() and int(self.prefix_len.min()) < 0:
+            raise ValueError(f"prefix_lm: prefix_len must be >= 0, got {self.prefix_len.tolist()}")
+
+    def bind(self, batch, heads, nq, nk, device):
+        if self.prefix_len.numel() not in (1, batch):
+            raise ValueError(f"prefix_lm: prefix_len has {self.prefix_len.numel()} entries, expected 1 or batch={batch}")
+        bound = type(self).__new__(type(self))
+        bound.__dict__.update(self.__dict__, prefix_len=self.prefix_len.to(device))
+        return bound
+
+    def allowed(self, b, h, q, k):
+        return (k < _by_batch(self.prefix_len, b)) | (k <= q)
+
+    def block_kinds(self, grid, batch, heads):
+        kf, kl = grid.k_bounds()
+        prefix = self.prefix_len.view(-1, 1, 1, 1)
+        in_prefix = tile_kinds(kf >= prefix, kl < prefix).expand(-1, -1, grid.num_q_blocks, -1)
+        return torch.maximum(in_prefix, Causal().block_kinds(grid, batch, heads))
 
     def __repr__(self):
-        return f"prefix_lm({self.parts[1].lengths.tolist()})"
+        return f"prefix_lm({self.prefix_len.tolist()})"
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,7 +608,7 @@ def document(segment_ids, causal: bool = False, q_segment_ids=None) -> Mask:
 
 def prefix_lm(prefix_len) -> Mask:
     """Bidirectional over the first ``prefix_len`` keys (int or ``(B,)``), causal after."""
-    return PrefixLM(Causal(), KeyPadding(prefix_len))
+    return PrefixLM(prefix_len)
 
 
 def global_tokens(indices: Sequence[int] | Tensor) -> Mask:

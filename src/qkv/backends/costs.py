@@ -1,14 +1,17 @@
 """Rough run-time estimates, used only to rank backends for the dispatcher.
 
-Each backend's time is modelled as work over a throughput measured once per device type (see
-``benchmarks/calibrate_costs.py``): matmul FLOPs, element-wise work on scores, the mask a backend has
-to materialise, and a fixed cost per Python-level step. The numbers need only be right to within
-the ratio between backends, not absolutely.
+Each backend's time is modelled per attention *score* (one query-key pair of one head), as a fixed
+element-wise part plus a part proportional to ``D + Dv`` (the two matmuls), with extra terms for a
+mask that must be materialised, partial tiles that need an element-wise mask, and a fixed cost per
+Python-level step. The constants were fitted on the machines named below with
+``benchmarks/attention_speed.py``; they need only rank backends, not predict absolute times.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+import torch
 
 from ..masks import EMPTY, PARTIAL
 from ..problem import Problem
@@ -16,21 +19,34 @@ from ..problem import Problem
 
 @dataclass(frozen=True)
 class Rates:
-    sdpa_flops: float          # FLOP/s of torch's fused kernel without a mask
-    sdpa_mask_slowdown: float  # factor when SDPA is given an explicit mask
-    mask_element: float        # seconds to materialise one mask element
-    matmul_flops: float        # FLOP/s of plain torch matmuls on score tiles
-    score_element: float       # seconds of element-wise work per score (max, exp, sum, ...)
-    partial_element: float     # extra seconds per score on a partial tile (mask evaluation)
-    step: float                # seconds of fixed cost per tile run (Python, kernel launches)
-    backward_factor: float     # backward / forward time
+    """Seconds per score (at ``D + Dv``), per mask element, per step; backward/forward ratios."""
+
+    sdpa_score: float             # fused kernel, fixed part per score
+    sdpa_score_per_dim: float     # fused kernel, per score and per unit of D + Dv
+    sdpa_causal_fraction: float   # time with is_causal relative to no mask
+    sdpa_mask_slowdown: float     # time with an explicit mask relative to no mask
+    mask_element: float           # building one element of a dense mask
+    tiled_score: float            # tiled, fixed part per visited score (max, exp, sum, scaling)
+    tiled_score_per_dim: float    # tiled, per visited score and per unit of D + Dv
+    tiled_partial_score: float    # tiled, extra per score on a partial tile (mask evaluation)
+    tiled_step: float             # tiled, fixed cost of one run of tiles (Python, dispatch)
+    reference_score: float        # reference, per score (materialised softmax)
+    sdpa_backward: float          # backward / forward time
+    tiled_backward: float
 
 
+#: CPU: fitted on 2 cores of an x86-64 server (AVX-512), torch 2.13, B=1 H=4 D=64 float32.
+#: CUDA: order-of-magnitude guesses for a Hopper GPU, where torch's fused kernels are far ahead of
+#: a PyTorch-level tiled loop; to be fitted when measured.
 RATES = {
-    "cpu": Rates(sdpa_flops=1.6e11, sdpa_mask_slowdown=1.7, mask_element=2e-10, matmul_flops=9e10,
-                 score_element=2.5e-9, partial_element=2.5e-9, step=1.5e-4, backward_factor=2.5),
-    "cuda": Rates(sdpa_flops=3e14, sdpa_mask_slowdown=2.0, mask_element=2e-12, matmul_flops=3e14,
-                  score_element=2e-12, partial_element=2e-12, step=1.5e-4, backward_factor=2.5),
+    "cpu": Rates(sdpa_score=0.3e-9, sdpa_score_per_dim=0.0083e-9, sdpa_causal_fraction=0.57,
+                 sdpa_mask_slowdown=1.5, mask_element=0.8e-9, tiled_score=0.6e-9,
+                 tiled_score_per_dim=0.0102e-9, tiled_partial_score=3e-9, tiled_step=1.2e-4,
+                 reference_score=10e-9, sdpa_backward=2.6, tiled_backward=3.3),
+    "cuda": Rates(sdpa_score=2e-13, sdpa_score_per_dim=2e-15, sdpa_causal_fraction=0.55,
+                  sdpa_mask_slowdown=2.0, mask_element=5e-13, tiled_score=2e-12, tiled_score_per_dim=4e-15,
+                  tiled_partial_score=2e-12, tiled_step=2e-4, reference_score=5e-12, sdpa_backward=2.5,
+                  tiled_backward=3.0),
 }
 
 
@@ -38,46 +54,51 @@ def _rates(problem: Problem) -> Rates:
     return RATES.get(problem.device.type, RATES["cpu"])
 
 
-def _flops_per_score(problem: Problem) -> float:
-    return 2.0 * problem.batch * problem.q_heads * (problem.head_dim + problem.v_dim)
+def _heads(problem: Problem) -> int:
+    return problem.batch * problem.q_heads
 
 
-def _with_backward(problem: Problem, forward: float) -> float:
-    return forward * (1.0 + _rates(problem).backward_factor) if problem.requires_grad else forward
+def _dims(problem: Problem) -> int:
+    return problem.head_dim + problem.v_dim
+
+
+def _with_backward(problem: Problem, forward: float, ratio: float) -> float:
+    return forward * (1.0 + ratio) if problem.requires_grad else forward
 
 
 def sdpa(problem: Problem) -> float:
     from .sdpa import dense_mask_bytes, uses_is_causal
 
     r = _rates(problem)
-    scores = problem.nq * problem.nk * (0.5 if uses_is_causal(problem) else 1.0)
-    t = scores * _flops_per_score(problem) / r.sdpa_flops
+    scores = problem.nq * problem.nk * _heads(problem)
+    t = scores * (r.sdpa_score + r.sdpa_score_per_dim * _dims(problem))
+    if uses_is_causal(problem):
+        t *= r.sdpa_causal_fraction
     mask_bytes = dense_mask_bytes(problem)
     if mask_bytes:
-        t = t * r.sdpa_mask_slowdown + mask_bytes * r.mask_element
-    return _with_backward(problem, t)
+        t = t * r.sdpa_mask_slowdown + problem.batch * problem.nq * problem.nk * r.mask_element
+    return _with_backward(problem, t, r.sdpa_backward)
 
 
 def tiled(problem: Problem, sizes) -> float:
     r = _rates(problem)
     kinds = problem.block_kinds(sizes.block_q, sizes.block_k)
-    tile_area = sizes.block_q * sizes.block_k
+    rows = torch.clamp(problem.nq - torch.arange(kinds.shape[0]) * sizes.block_q, max=sizes.block_q)
+    cols = torch.clamp(problem.nk - torch.arange(kinds.shape[1]) * sizes.block_k, max=sizes.block_k)
+    tile_scores = rows[:, None] * cols[None, :] * _heads(problem)
+    visited = int(tile_scores[kinds != EMPTY].sum())
+    partial = int(tile_scores[kinds == PARTIAL].sum())
     visited_tiles = int((kinds != EMPTY).sum())
-    visited = visited_tiles * tile_area
-    partial = int((kinds == PARTIAL).sum()) * tile_area
     # A run starts wherever a non-empty tile differs in kind from its left neighbour.
     changes = kinds[:, 1:] != kinds[:, :-1]
     starts = int((kinds[:, 0] != EMPTY).sum()) + int((changes & (kinds[:, 1:] != EMPTY)).sum())
     steps = max(starts, visited_tiles * sizes.block_k // sizes.max_run)
-    rows = problem.batch * problem.q_heads
-    t = (visited * _flops_per_score(problem) / r.matmul_flops + visited * rows * r.score_element
-         + partial * rows * r.partial_element + steps * r.step)
-    return _with_backward(problem, t)
+    t = (visited * (r.tiled_score + r.tiled_score_per_dim * _dims(problem))
+         + partial * r.tiled_partial_score + steps * r.tiled_step)
+    return _with_backward(problem, t, r.tiled_backward)
 
 
 def reference(problem: Problem) -> float:
     r = _rates(problem)
-    scores = problem.nq * problem.nk
-    rows = problem.batch * problem.q_heads
-    t = scores * _flops_per_score(problem) / r.matmul_flops + 3 * scores * rows * r.score_element
-    return _with_backward(problem, t)
+    t = problem.nq * problem.nk * _heads(problem) * r.reference_score * _dims(problem) / 128
+    return _with_backward(problem, t, r.tiled_backward)

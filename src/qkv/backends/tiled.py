@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .. import dropout as _dropout
 from ..masks import EMPTY, PARTIAL
@@ -262,6 +263,7 @@ class _TiledFunction(torch.autograd.Function):
         return out, lse
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
         t = ctx.tiling
@@ -279,10 +281,9 @@ class _TiledFunction(torch.autograd.Function):
 class TiledBackend:
     """Flash attention in PyTorch (see module docstring); runs on any device, any dtype."""
 
-    name = "tiled"
-
-    def __init__(self, sizes: TileSizes | None = None):
+    def __init__(self, sizes: TileSizes | None = None, name: str = "tiled"):
         self.sizes = sizes or TileSizes()
+        self.name = name
 
     def unsupported(self, problem: Problem) -> list[str]:
         return []

@@ -1,0 +1,171 @@
+"""Side-by-side timing of attention backends and peers, one problem at a time.
+
+Used by ``qkv bench`` (a quick table) and ``benchmarks/attention_speed.py`` (the full grid with a
+result file). Every problem is run by each qkv backend that supports it, by qkv's automatic choice,
+and optionally by FlexAttention; times are the best of ``repeat`` runs after a warm-up, so that
+other load on a shared machine inflates them as little as possible.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+
+import torch
+
+import qkv
+from qkv.backends import REGISTRY
+from qkv.dispatch import choose
+from qkv.problem import make_problem
+
+#: The reference backend materialises scores and weights; skip it beyond this many bytes of them.
+REFERENCE_LIMIT_BYTES = 6 << 30
+MASKS = ("full", "causal", "window", "document")
+
+
+@dataclass
+class Row:
+    """One problem's timings in seconds (None: not run, with the reason in ``notes``)."""
+
+    seq: int
+    mask: str
+    times: dict[str, float | None] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+    auto_choice: str = ""
+
+    @property
+    def best(self) -> tuple[str, float]:
+        """The fastest qkv backend (what auto could have picked) and its time."""
+        ran = {k: v for k, v in self.times.items() if v is not None and k in REGISTRY}
+        name = min(ran, key=ran.get)
+        return name, ran[name]
+
+
+def make_mask(name: str, seq: int, window: int, documents: int):
+    """The benchmark's masks: full (none), causal, causal sliding window, packed documents."""
+    if name == "full":
+        return None
+    if name == "causal":
+        return qkv.causal()
+    if name == "window":
+        return qkv.sliding_window(window)
+    if name == "document":
+        return qkv.document(torch.arange(seq) * documents // seq)
+    raise ValueError(f"unknown mask {name!r}; choose from {MASKS}")
+
+
+def best_time(fn: Callable[[], object], repeat: int) -> float:
+    fn()  # warm-up (and compilation, for compiled peers)
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def _flex_runner(q, k, v, mask_name, seq, window, documents):
+    """FlexAttention (compiled) with the same mask as a block mask; None if unavailable."""
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None, "torch has no flex_attention"
+    seg = torch.arange(seq) * documents // seq
+    mods = {
+        "full": None,
+        "causal": lambda b, h, i, j: j <= i,
+        "window": lambda b, h, i, j: (j <= i) & (j >= i - window),
+        "document": lambda b, h, i, j: seg[i] == seg[j],
+    }
+    block_mask = None
+    if mods[mask_name] is not None:
+        block_mask = create_block_mask(mods[mask_name], None, None, seq, seq, device=str(q.device))
+    compiled = torch.compile(flex_attention, dynamic=False)
+    return (lambda: compiled(q, k, v, block_mask=block_mask)), ""
+
+
+def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtype=torch.float32, device="cpu",
+                window=512, documents=8, backward=False, repeat=3, peers=("flex",),
+                backends=None) -> Row:
+    """Time one problem on every supporting backend, on auto, and on the peers."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, seq, head_dim, generator=gen, device=device, dtype=dtype)
+               .requires_grad_(backward) for _ in range(3))
+    mask = make_mask(mask_name, seq, window, documents)
+    row = Row(seq, mask_name)
+    grad = torch.ones(batch, heads, seq, head_dim, device=device, dtype=dtype)
+
+    def timed(call):
+        def once():
+            if backward:
+                call().backward(grad)
+            else:
+                with torch.no_grad():
+                    call()
+        return best_time(once, repeat)
+
+    with torch.set_grad_enabled(backward):
+        problem = make_problem(q, k, v, mask)
+        dispatch = choose(problem)
+    row.auto_choice = dispatch.chosen
+    for name in backends or REGISTRY:
+        if dispatch.estimates.get(name) is None:
+            row.times[name], row.notes[name] = None, "; ".join(dispatch.reasons.get(name, ["not registered"]))
+            continue
+        if name == "reference" and 3 * batch * heads * seq * seq * 4 > REFERENCE_LIMIT_BYTES:
+            row.times[name], row.notes[name] = None, "skipped: materialised scores too large"
+            continue
+        row.times[name] = timed(lambda: qkv.attention(q, k, v, mask, backend=name))
+    row.times["auto"] = timed(lambda: qkv.attention(q, k, v, mask))
+    if "flex" in peers:
+        runner, why = _flex_runner(q, k, v, mask_name, seq, window, documents)
+        try:
+            row.times["flex"] = timed(runner) if runner else None
+        except Exception as err:  # a peer that fails to compile here is reported, not fatal
+            row.times["flex"], why = None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+        if why:
+            row.notes["flex"] = why
+    return row
+
+
+def environment() -> dict:
+    """Device, versions and date, stored with every result."""
+    info = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "qkv": qkv.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(rows: list[Row], columns: list[str]) -> str:
+    """A Markdown table: milliseconds per backend, auto's choice, auto / best, tiled's speed-up."""
+    head = ["N", "mask", *columns, "auto picks", "auto/best", "sdpa/tiled"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [str(r.seq), r.mask]
+        for c in columns:
+            t = r.times.get(c)
+            cells.append("—" if t is None else f"{t * 1e3:.1f}")
+        best_name, best = r.best
+        auto = r.times.get("auto")
+        tiled, sdpa = r.times.get("tiled"), r.times.get("sdpa")
+        cells += [r.auto_choice, f"{auto / best:.2f}" if auto else "—",
+                  f"{sdpa / tiled:.1f}x" if tiled and sdpa else "—"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def save(rows: list[Row], path: str, settings: dict) -> None:
+    with open(path, "w") as f:
+        json.dump({"environment": environment(), "settings": settings, "rows": [asdict(r) for r in rows]}, f, indent=1)

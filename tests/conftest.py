@@ -1,0 +1,35 @@
+"""Shared test set-up: hypothesis profiles and tiled backends with tiny tiles.
+
+Hypothesis draws a fresh seed each run (``derandomize`` stays off): every run tests new random
+inputs. ``HYPOTHESIS_PROFILE=thorough`` runs many more examples.
+"""
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, settings
+
+import qkv.backends as backends
+from qkv.backends import TiledBackend, TileSizes
+
+settings.register_profile("default", max_examples=30, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("thorough", max_examples=500, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+#: Tiled variants whose tiles are small and uneven, so that tests with short sequences still cross
+#: many tile boundaries, ragged tails, merged runs and run splits.
+SMALL_TILED = {
+    "tiled_16x8": TileSizes(block_q=16, block_k=8, max_run=24),
+    "tiled_8x16": TileSizes(block_q=8, block_k=16, max_run=64),
+}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def small_tiled_backends():
+    for name, sizes in SMALL_TILED.items():
+        backends.register(TiledBackend(sizes, name=name))
+    yield
+    for name in SMALL_TILED:
+        backends.REGISTRY.pop(name, None)

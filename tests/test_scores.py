@@ -1,0 +1,75 @@
+"""Score modifiers: each equals its formula, composes in order, and validates its arguments."""
+
+import pytest
+import torch
+
+import qkv
+from qkv import scores
+from qkv.masks import position_grid
+
+
+def grid(h=4, nq=5, nk=7):
+    return position_grid(1, h, nq, nk, torch.device("cpu"))
+
+
+def test_alibi_adds_slope_times_relative_position():
+    s = torch.randn(1, 4, 5, 7, dtype=torch.float64)
+    b, h, q, k = grid()
+    slopes = scores.alibi_slopes(4)
+    got = scores.alibi(4)(s, b, h, q, k)
+    want = s + slopes.view(1, 4, 1, 1) * (k - q)
+    torch.testing.assert_close(got, want)
+    sym = scores.alibi(slopes, symmetric=True)(s, b, h, q, k)
+    torch.testing.assert_close(sym, s - slopes.view(1, 4, 1, 1) * (k - q).abs())
+
+
+def test_softcap_bounds_scores():
+    s = torch.linspace(-100, 100, 41, dtype=torch.float64).view(1, 1, 1, -1)
+    capped = scores.softcap(5.0)(s, *grid(1, 1, 41))
+    assert capped.abs().max() <= 5.0  # tanh(20) rounds to 1 in float64
+    torch.testing.assert_close(capped, 5.0 * torch.tanh(s / 5.0))
+
+
+def test_relative_bias_clips_distances():
+    table = torch.arange(2 * 3 + 1, dtype=torch.float64)  # M = 3
+    s = torch.zeros(1, 1, 5, 7, dtype=torch.float64)
+    b, h, q, k = grid(1)
+    got = scores.relative_bias(table)(s, b, h, q, k)
+    want = (k - q).clamp(-3, 3) + 3
+    torch.testing.assert_close(got, want.to(torch.float64).expand_as(got))
+
+
+def test_chain_applies_in_order():
+    s = torch.randn(1, 2, 3, 3, dtype=torch.float64) * 10
+    b, h, q, k = grid(2, 3, 3)
+    m = scores.chain(scores.alibi(2), scores.softcap(1.0))
+    torch.testing.assert_close(m(s, b, h, q, k), scores.softcap(1.0)(scores.alibi(2)(s, b, h, q, k), b, h, q, k))
+
+
+def test_plain_callables_are_accepted():
+    q = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    out = qkv.attention(q, q, q, score_mod=lambda s, b, h, qi, ki: s * 0.5, backend="tiled")
+    torch.testing.assert_close(out, qkv.attention(q, q, q, scale=0.5 / 8 ** 0.5, backend="reference"))
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda: scores.softcap(0), "cap must be a finite positive"),
+    (lambda: scores.softcap(float("inf")), "cap must be a finite positive"),
+    (lambda: scores.alibi_slopes(0), "positive int"),
+    (lambda: scores.alibi(torch.ones(2, 2)), "1-D floating"),
+    (lambda: scores.relative_bias(torch.ones(3, 4)), "must be odd"),
+    (lambda: scores.relative_bias(torch.ones(3, dtype=torch.long)), "floating tensor"),
+    (lambda: scores.chain(), "one or more"),
+    (lambda: scores.as_score_mod(3), "score_mod must be"),
+])
+def test_bad_score_mod_arguments(make, message):
+    with pytest.raises((TypeError, ValueError), match=message):
+        make()
+
+
+def test_per_head_tables_must_match_heads():
+    q = torch.randn(1, 4, 3, 8)
+    with pytest.raises(ValueError, match="alibi: slopes has 8 entries, expected one per query head \\(4\\)"):
+        qkv.attention(q, q, q, score_mod=scores.alibi(8))
+    with pytest.raises(ValueError, match="relative_bias: table has 2 entries"):
+        qkv.attention(q, q, q, score_mod=scores.relative_bias(torch.zeros(2, 5)))
