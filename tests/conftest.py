@@ -26,8 +26,11 @@ SMALL_TILED = {
 }
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module")
 def small_tiled_backends():
+    """Register the small-tile variants for one test module (modules opt in with
+    ``pytestmark = pytest.mark.usefixtures("small_tiled_backends")``), so that other modules and
+    the docs see the registry users see."""
     for name, sizes in SMALL_TILED.items():
         backends.register(TiledBackend(sizes, name=name))
     yield

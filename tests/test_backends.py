@@ -10,6 +10,8 @@ from qkv.backends import REGISTRY
 from qkv.problem import make_problem
 from tests.strategies import cases
 
+pytestmark = pytest.mark.usefixtures("small_tiled_backends")
+
 TOL = 1e-9
 
 

@@ -5,6 +5,8 @@ import torch
 
 import qkv
 
+pytestmark = pytest.mark.usefixtures("small_tiled_backends")
+
 
 def rand(*shape, seed):
     g = torch.Generator().manual_seed(seed)

@@ -5,6 +5,8 @@ import torch
 
 import qkv
 
+pytestmark = pytest.mark.usefixtures("small_tiled_backends")
+
 ALL = ["reference", "tiled", "tiled_16x8", "sdpa"]
 
 

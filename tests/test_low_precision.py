@@ -16,6 +16,8 @@ from qkv.problem import make_problem
 from tests.oracle import naive_in_dtype
 from tests.strategies import cases
 
+pytestmark = pytest.mark.usefixtures("small_tiled_backends")
+
 
 def _cast(t, dtype):
     return t.detach().to(dtype).requires_grad_()

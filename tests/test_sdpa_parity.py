@@ -8,6 +8,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 import qkv
 
+pytestmark = pytest.mark.usefixtures("small_tiled_backends")
+
 BACKENDS = ["reference", "tiled", "tiled_16x8", "sdpa", None]
 
 

@@ -80,8 +80,18 @@ def sdpa(problem: Problem) -> float:
     return _with_backward(problem, t, r.sdpa_backward)
 
 
+#: Below this many scores per head, the tiled estimate assumes every tile is visited: small
+#: problems never favour tiling, and computing a block view costs more than it could save.
+SMALL_PROBLEM_SCORES = 1 << 18
+
+
 def tiled(problem: Problem, sizes) -> float:
     r = _rates(problem)
+    if problem.mask is None or problem.nq * problem.nk <= SMALL_PROBLEM_SCORES:
+        q_tiles, k_tiles = -(-problem.nq // sizes.block_q), -(-problem.nk // sizes.block_k)
+        steps = q_tiles * -(-k_tiles * sizes.block_k // sizes.max_run)
+        t = problem.nq * problem.nk * _heads(problem) * (r.tiled_score + r.tiled_score_per_dim * _dims(problem))
+        return _with_backward(problem, t + steps * r.tiled_step, r.tiled_backward)
     kinds = problem.block_kinds(sizes.block_q, sizes.block_k)
     rows = torch.clamp(problem.nq - torch.arange(kinds.shape[0]) * sizes.block_q, max=sizes.block_q)
     cols = torch.clamp(problem.nk - torch.arange(kinds.shape[1]) * sizes.block_k, max=sizes.block_k)

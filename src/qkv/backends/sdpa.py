@@ -24,9 +24,14 @@ def uses_is_causal(problem: Problem) -> bool:
     return isinstance(problem.mask, Causal) and problem.nq == problem.nk and problem.bias is None
 
 
+def needs_no_mask(problem: Problem) -> bool:
+    """A causal mask over a single newest query (a decoding step) hides nothing."""
+    return isinstance(problem.mask, Causal) and problem.nq == 1
+
+
 def dense_mask_bytes(problem: Problem) -> int:
     """Bytes of the mask SDPA would need (0 if none)."""
-    if problem.mask is None and problem.bias is None or uses_is_causal(problem):
+    if problem.bias is None and (problem.mask is None or uses_is_causal(problem) or needs_no_mask(problem)):
         return 0
     per_element = 1 if problem.bias is None else torch.finfo(problem.dtype).bits // 8
     return problem.batch * problem.q_heads * problem.nq * problem.nk * per_element
@@ -58,7 +63,7 @@ class SdpaBackend:
     def run(self, problem: Problem) -> tuple[Tensor, None]:
         p = problem
         attn_mask = None
-        if not uses_is_causal(p) and p.mask is not None:
+        if p.mask is not None and not uses_is_causal(p) and not needs_no_mask(p):
             attn_mask = p.mask.dense(p.batch, p.q_heads, p.nq, p.nk, p.device)
         if p.bias is not None:
             bias = p.bias.to(p.dtype)
