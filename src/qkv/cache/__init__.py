@@ -1,0 +1,22 @@
+"""KV caches for decoding: keys and values of past tokens, kept so that each new token costs
+``O(context)`` instead of recomputing the whole sequence.
+
+- :class:`KVCache`: preallocated, contiguous; a batch of sequences of different lengths.
+- :class:`PagedKVCache`: pages from a shared pool, block tables, fork with copy-on-write, free.
+- :class:`StreamingKVCache`: attention sinks plus a sliding window, bounded memory forever.
+
+All serve :class:`qkv.nn.MultiHeadAttention` through the step protocol of
+:mod:`qkv.cache.base` (``begin`` / ``layer(i).update`` / ``commit``), which
+:class:`qkv.nn.Decoder` drives. Running out of room raises :class:`CacheFullError` before anything
+is written. Caches are for inference: they store keys and values detached, so gradients do not flow
+into cached keys and values (a step's own new ones stay differentiable within the step).
+"""
+
+from .base import CacheFullError, CacheLayer, KVCacheBase
+from .contiguous import KVCache
+from .paged import PagedBatch, PagedKVCache
+from .positions import PositionMask
+from .streaming import StreamingKVCache
+
+__all__ = ["KVCache", "PagedKVCache", "PagedBatch", "StreamingKVCache", "CacheFullError", "CacheLayer",
+           "KVCacheBase", "PositionMask"]

@@ -1,0 +1,245 @@
+"""What every KV cache shares: the step protocol a model drives, and the per-layer view.
+
+A forward pass over ``n`` new tokens per sequence is one *step*::
+
+    positions = cache.begin(n, counts)      # (B, n) positions of the new tokens; checks room first
+    for i, layer in enumerate(layers):      # each attention layer, with cache.layer(i):
+        k_all, v_all, mask = cache.layer(i).update(k_new, v_new)
+        ...attend q_new to k_all, v_all under mask...
+    cache.commit()                          # the sequences now include the new tokens
+
+``counts[b] <= n`` is how many of row ``b``'s ``n`` tokens are real (prompts of different lengths,
+right-padded); the rest are padding that no real token sees and that is never kept. ``begin``
+validates everything and reserves room before any tensor is written, so a step that cannot fit
+raises :class:`CacheFullError` and leaves every cached token as it was. A step that fails between
+``begin`` and ``commit`` leaves the lengths and every cached token unchanged; the next ``begin``
+starts over. What ``begin`` reserved may stay reserved: a :class:`~qkv.cache.PagedBatch` takes its
+new pages, and private copies of shared pages, in ``begin``, and they stay with their sequences
+(holding the same tokens) until used by a later step or freed.
+
+Caches are for inference. They store keys and values *detached*: gradients never flow into
+cached keys and values, and no autograd graph outlives its step. With grad mode on, the keys and
+values ``update`` returns are fresh tensors in which the step's own new keys and values are
+differentiable (so a step over a whole sequence has the gradients of a full pass), and the cached
+ones are constants.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from ..masks import Mask, causal
+from .positions import PositionMask
+
+
+class CacheFullError(RuntimeError):
+    """A step needs more room than the cache has (capacity, or free pages of a paged pool).
+    Raised before anything is written: the cache is unchanged."""
+
+
+# -- argument checks shared by the caches and the modules that drive them ----------------------
+
+def positive_int(name: str, value) -> int:
+    """``value`` if it is an int ``> 0`` (not a bool), else ``ValueError`` naming ``name``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def token_counts(value, *, name: str, batch_size: int, num_tokens: int, minimum: int = 0) -> Tensor:
+    """``value`` as ``(batch_size,)`` int64 on CPU, each in ``[minimum, num_tokens]``: how many of
+    each row's ``num_tokens`` tokens are real. ``TypeError``/``ValueError`` naming ``name``."""
+    counts = torch.as_tensor(value)
+    if counts.is_floating_point() or counts.is_complex() or counts.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got {counts.dtype}")
+    counts = counts.to("cpu", torch.int64).reshape(-1) if counts.dim() == 0 else counts.to("cpu", torch.int64)
+    if counts.shape != (batch_size,):
+        raise ValueError(f"{name} must have shape (batch_size,) = ({batch_size},), got {tuple(counts.shape)}")
+    if int(counts.min()) < minimum or int(counts.max()) > num_tokens:
+        raise ValueError(f"{name} must lie in [{minimum}, {num_tokens}] (how many of each row's {num_tokens} "
+                         f"tokens are real), got {counts.tolist()}")
+    return counts
+
+
+def check_layout(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device) -> torch.device:
+    """Validate what a cache stores per layer and token; return ``device`` as tensors report it
+    (``"cuda"`` becomes ``cuda:0``, ``"cpu:0"`` becomes ``cpu``; None is the CPU), so that it
+    compares equal to the device of the keys and values a model passes."""
+    for name, value in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+        positive_int(name, value)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    return torch.empty(0, device="cpu" if device is None else device).device
+
+
+# -- the step ------------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    """What :meth:`KVCacheBase.begin` prepared for one step.
+
+    ``new_columns`` says where the step's tokens sit along the key axis of what ``update``
+    returns: a slice (every row's ``n`` tokens at the same columns), or ``(rows, columns,
+    tokens)`` index tensors on the cache's device, one entry per real token (token ``tokens[i]``
+    of row ``rows[i]`` is at column ``columns[i]``).
+    """
+
+    positions: Tensor          # (B, n) int64 on the cache's device
+    counts: Tensor             # (B,) int64 on CPU: real tokens per row
+    mask: Mask | None          # the mask every layer attends with
+    true_positions: bool       # score modifiers must be remapped to true positions (mask is a PositionMask)
+    new_columns: slice | tuple[Tensor, Tensor, Tensor]  # where the new tokens sit in what update returns
+    updated: set[int] = field(default_factory=set)  # layers that stored their keys and values
+
+
+def put_tokens(target: Tensor, new: Tensor, where: slice | tuple[Tensor, Tensor, Tensor]) -> None:
+    """Write a step's tokens ``new (B, Hkv, n, D)`` into ``target (B, Hkv, S, D)`` at ``where``."""
+    if isinstance(where, slice):
+        target[:, :, where] = new
+    else:
+        rows, columns, tokens = where
+        target[rows, :, columns] = new[rows, :, tokens]
+
+
+def real_tokens(counts: Tensor) -> tuple[Tensor, Tensor]:
+    """``(rows, tokens)``, int64 on CPU, one entry per real token of a step with ``counts (B,)``
+    real tokens per row: row ``b`` contributes tokens ``0 .. counts[b]-1``."""
+    rows = torch.repeat_interleave(torch.arange(counts.shape[0]), counts)
+    first = torch.repeat_interleave(counts.cumsum(0) - counts, counts)  # index of each row's first entry
+    return rows, torch.arange(rows.shape[0]) - first
+
+
+def appending_step(lengths: Tensor, counts: Tensor, n: int, num_keys: int, device) -> Step:
+    """The step of a cache that holds sequence ``b``'s tokens at key columns ``0 .. lengths[b]-1``
+    (column = position) and appends the new ones after them, reading ``num_keys`` columns (at
+    least ``max(lengths + counts)``; exactly ``lengths[0] + n`` when the batch is uniform).
+
+    Uniform (equal lengths, every token real): the mask is :func:`qkv.causal` (none for one token),
+    which bottom-right alignment makes exact. Otherwise a :class:`PositionMask` over each row's
+    own positions, and ``new_columns`` lists the real tokens."""
+    positions = lengths.to(device)[:, None] + torch.arange(n, device=device)
+    if bool((lengths == lengths[0]).all() and (counts == n).all()):
+        start = int(lengths[0])
+        return Step(positions, counts, None if n == 1 else causal(), False, slice(start, start + n))
+    rows, tokens = real_tokens(counts)
+    new_columns = tuple(t.to(device) for t in (rows, lengths[rows] + tokens, tokens))
+    k_positions = torch.arange(num_keys, device=device).expand(lengths.shape[0], -1)
+    return Step(positions, counts, PositionMask(positions, k_positions), True, new_columns)
+
+
+class CacheLayer:
+    """One layer's view of a cache during a step, as :class:`qkv.nn.MultiHeadAttention` uses it."""
+
+    def __init__(self, cache: KVCacheBase, index: int):
+        self.cache, self.index = cache, index
+
+    @property
+    def positions(self) -> Tensor:
+        """``(B, n)`` positions of this step's tokens (for RoPE)."""
+        return self.cache.step.positions
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Mask | None]:
+        """Store this step's ``k, v (B, Hkv, n, D)`` (detached); return the keys and values to
+        attend to (``(B, Hkv, Nk, D)``, cached and new) and the mask that goes with them.
+
+        With grad mode on the returned tensors are copies in which this step's ``k, v`` are
+        differentiable; without it they may be views of the cache's buffers."""
+        step = self.cache.step
+        self.cache.check_kv(k, v, step.positions.shape[1])
+        keys, values = self.cache.store_and_read(self.index, k.detach(), v.detach())
+        if torch.is_grad_enabled():  # never a view of a buffer that a later step overwrites
+            keys, values = keys.clone(), values.clone()
+            put_tokens(keys, k, step.new_columns)
+            put_tokens(values, v, step.new_columns)
+        step.updated.add(self.index)
+        return keys, values, step.mask
+
+    def remap_score_mod(self, score_mod):
+        """``score_mod`` evaluated at the tokens' true positions (ALiBi over a ragged batch)."""
+        step = self.cache.step
+        return step.mask.remap_score_mod(score_mod) if step.true_positions else score_mod
+
+
+class KVCacheBase:
+    """Common state and checks; subclasses implement ``plan``, ``store_and_read`` and ``finish``."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device):
+        self.device = check_layout(num_layers, num_kv_heads, head_dim, dtype, device)
+        self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
+        self._step: Step | None = None
+
+    # -- the step protocol --------------------------------------------------------------------
+
+    @property
+    def batch_size(self) -> int:
+        raise NotImplementedError
+
+    def begin(self, num_tokens: int, counts=None) -> Tensor:
+        """Start a step of ``num_tokens`` new tokens per row, ``counts (B,)`` of them real (default
+        all). Returns their positions ``(B, num_tokens)``. Raises :class:`CacheFullError` (nothing
+        changed) if they do not fit; otherwise reserves their room (see the module docstring)."""
+        positive_int("num_tokens", num_tokens)
+        if counts is None:
+            counts = torch.full((self.batch_size,), num_tokens, dtype=torch.int64)
+        else:
+            counts = token_counts(counts, name="counts", batch_size=self.batch_size, num_tokens=num_tokens)
+        self._step = None
+        self._step = self.plan(num_tokens, counts)
+        return self._step.positions
+
+    def layer(self, index: int) -> CacheLayer:
+        """The view of layer ``index`` that attention layers call ``update`` on."""
+        if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < self.num_layers:
+            raise ValueError(f"layer index must be an int in [0, {self.num_layers}), got {index!r}")
+        return CacheLayer(self, index)
+
+    def commit(self) -> None:
+        """End the step: the sequences now include its real tokens. Every layer must have been
+        updated (a cache serves a model with exactly ``num_layers`` attention layers)."""
+        step = self.step
+        missing = sorted(set(range(self.num_layers)) - step.updated)
+        if missing:
+            raise RuntimeError(f"commit: layer(s) {missing} were not updated in this step; the cache has "
+                               f"{self.num_layers} layers, as many as the model must have. Nothing was committed")
+        self.finish(step)
+        self._step = None
+
+    @property
+    def step(self) -> Step:
+        if self._step is None:
+            raise RuntimeError("no step in progress: call cache.begin(num_tokens) before the forward pass "
+                               "(a qkv.nn.Decoder does this when given cache=...)")
+        return self._step
+
+    # -- for subclasses -----------------------------------------------------------------------
+
+    def plan(self, n: int, counts: Tensor) -> Step:
+        """Check that the step fits, reserve room, and say where the new tokens go."""
+        raise NotImplementedError
+
+    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Keep the step's (detached) ``k, v`` and return all keys and values to attend to, with
+        the new tokens at ``step.new_columns``."""
+        raise NotImplementedError
+
+    def finish(self, step: Step) -> None:
+        raise NotImplementedError
+
+    def check_kv(self, k: Tensor, v: Tensor, n: int) -> None:
+        expected = (self.batch_size, self.num_kv_heads, n, self.head_dim)
+        for name, t in (("k", k), ("v", v)):
+            if not isinstance(t, Tensor) or tuple(t.shape) != expected:
+                raise ValueError(f"cache update: {name} must have shape (B, Hkv, n, D) = {expected}, got "
+                                 f"{tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__}")
+            if t.dtype != self.dtype or t.device != self.device:
+                raise ValueError(f"cache update: {name} is {t.dtype} on {t.device}, but the cache stores "
+                                 f"{self.dtype} on {self.device}")

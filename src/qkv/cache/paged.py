@@ -1,0 +1,225 @@
+"""A paged KV cache: fixed-size pages from one shared pool, a block table per sequence.
+
+As in vLLM (Kwon et al., 2023, "Efficient Memory Management for Large Language Model Serving with
+PagedAttention"): memory is a pool of ``num_pages`` pages of ``page_size`` tokens; sequence ``s``
+owns the list of pages ``block_table(s)``, and its token at position ``p`` lives in page
+``block_table(s)[p // page_size]`` at offset ``p % page_size``. Sequences grow a page at a time,
+so a pool serves many sequences of unknown length without reserving each one's maximum.
+
+``fork(s)`` makes a sequence that shares all of ``s``'s pages (a common prompt, beam search,
+parallel sampling); pages count their owners, and a shared page is copied the first time one of
+its owners writes into it (copy-on-write). ``free(s)`` returns the pages nobody else holds.
+
+A model runs on a batch of sequences through :meth:`PagedKVCache.batch`, which gives the same step
+protocol as :class:`~qkv.cache.KVCache`. Each layer's keys are gathered from the pages into a
+``(B, Hkv, Nk, D)`` tensor for :func:`qkv.attention` (``O(context)`` copying per step).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import CacheFullError, KVCacheBase, Step, appending_step, check_layout, positive_int, real_tokens
+
+
+class PagedKVCache:
+    """A pool of pages and the sequences that own them.
+
+    Args:
+        num_layers: attention layers served.
+        num_pages: pages in the pool.
+        page_size: tokens per page.
+        num_kv_heads, head_dim: the key/value shape per token ``(Hkv, D)``.
+        dtype, device: of the stored keys and values.
+
+    Attributes:
+        k_pages, v_pages: ``(num_layers, num_pages, Hkv, page_size, D)``, detached values:
+            gradients do not flow into cached keys and values (see :mod:`qkv.cache.base`).
+
+    A model runs on its sequences through :meth:`batch` (``cache=pool.batch(seq_ids)``), not on
+    the pool itself.
+    """
+
+    def __init__(self, num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, *,
+                 dtype: torch.dtype = torch.float32, device=None):
+        self.device = check_layout(num_layers, num_kv_heads, head_dim, dtype, device)
+        self.num_pages, self.page_size = positive_int("num_pages", num_pages), positive_int("page_size", page_size)
+        self.num_layers, self.num_kv_heads, self.head_dim, self.dtype = num_layers, num_kv_heads, head_dim, dtype
+        shape = (num_layers, num_pages, num_kv_heads, page_size, head_dim)
+        self.k_pages = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_pages = torch.zeros(shape, dtype=dtype, device=self.device)
+        self._owners = [0] * num_pages               # sequences holding each page
+        self._free = list(range(num_pages - 1, -1, -1))  # a stack; pop() gives the lowest page first
+        self._tables: dict[int, list[int]] = {}
+        self._lengths: dict[int, int] = {}
+        self._next_id = 0
+
+    # -- sequences ----------------------------------------------------------------------------
+
+    def add_sequence(self) -> int:
+        """A new empty sequence (no pages yet); returns its id."""
+        seq = self._next_id
+        self._next_id += 1
+        self._tables[seq], self._lengths[seq] = [], 0
+        return seq
+
+    def fork(self, seq: int) -> int:
+        """A new sequence with the same tokens as ``seq``, sharing its pages (no copy). Either may
+        then grow independently; a shared page is copied when one of them first writes into it."""
+        self._check_sequence(seq)
+        child = self.add_sequence()
+        self._tables[child] = list(self._tables[seq])
+        self._lengths[child] = self._lengths[seq]
+        for page in self._tables[child]:
+            self._owners[page] += 1
+        return child
+
+    def free(self, seq: int) -> None:
+        """Drop ``seq``; its pages that no other sequence holds return to the pool."""
+        self._check_sequence(seq)
+        for page in self._tables.pop(seq):
+            self._owners[page] -= 1
+            if self._owners[page] == 0:
+                self._free.append(page)
+        del self._lengths[seq]
+
+    def length(self, seq: int) -> int:
+        self._check_sequence(seq)
+        return self._lengths[seq]
+
+    def block_table(self, seq: int) -> list[int]:
+        """The pages of ``seq`` in order (a copy)."""
+        self._check_sequence(seq)
+        return list(self._tables[seq])
+
+    def owners(self, page: int) -> int:
+        """How many sequences hold ``page``."""
+        return self._owners[page]
+
+    @property
+    def sequences(self) -> list[int]:
+        return list(self._tables)
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def sequence_kv(self, seq: int, layer: int) -> tuple[Tensor, Tensor]:
+        """The cached keys and values of ``seq`` in ``layer``, each ``(Hkv, length, D)`` (a copy)."""
+        self._check_sequence(seq)
+        n = self._lengths[seq]
+        table = torch.tensor(self._tables[seq], dtype=torch.int64, device=self.device)
+        return tuple(pages[layer][table].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, :n]
+                     for pages in (self.k_pages, self.v_pages))
+
+    def batch(self, seqs: list[int]) -> PagedBatch:
+        """A batch of sequences to run a model on (``model(ids, cache=paged.batch([a, b]))``)."""
+        return PagedBatch(self, seqs)
+
+    def _check_sequence(self, seq) -> None:
+        if seq not in self._tables:
+            raise ValueError(f"sequence {seq!r} is not in this cache (live sequences: {sorted(self._tables)})")
+
+    # -- growth -------------------------------------------------------------------------------
+
+    def reserve(self, seqs: list[int], counts: list[int]) -> None:
+        """Make room for ``counts[i]`` more tokens in each of ``seqs``: new pages at the end, and
+        private copies of shared pages that will be written. All or nothing: if the pool has too
+        few free pages, raises :class:`CacheFullError` and changes nothing."""
+        copies, growth = [], []
+        owners = {}  # owner counts as they will be after the copies planned so far
+        for seq, count in zip(seqs, counts):
+            table, start = self._tables[seq], self._lengths[seq]
+            end = start + count
+            first_page, last_page = start // self.page_size, (end - 1) // self.page_size
+            for j in range(first_page, min(last_page + 1, len(table))) if count else ():
+                page = table[j]
+                owners.setdefault(page, self._owners[page])
+                if owners[page] > 1:
+                    copies.append((seq, j))
+                    owners[page] -= 1
+            growth.append(max(0, -(-end // self.page_size) - len(table)))
+        needed = len(copies) + sum(growth)
+        if needed > len(self._free):
+            raise CacheFullError(
+                f"PagedKVCache: pool exhausted: this step needs {needed} page(s) ({sum(growth)} to grow, "
+                f"{len(copies)} to copy shared pages) but {len(self._free)} of {self.num_pages} are free; "
+                "free finished sequences or use a larger pool. Nothing was changed")
+        for seq, j in copies:
+            old, new = self._tables[seq][j], self._free.pop()
+            self.k_pages[:, new] = self.k_pages[:, old]
+            self.v_pages[:, new] = self.v_pages[:, old]
+            self._owners[old] -= 1
+            self._owners[new] = 1
+            self._tables[seq][j] = new
+        for seq, pages in zip(seqs, growth):
+            for _ in range(pages):
+                page = self._free.pop()
+                self._owners[page] = 1
+                self._tables[seq].append(page)
+
+    def __repr__(self):
+        return (f"PagedKVCache(layers={self.num_layers}, pages={self.num_pages}x{self.page_size}, "
+                f"free={self.num_free_pages}, sequences={ {s: self._lengths[s] for s in self._tables} })")
+
+
+class PagedBatch(KVCacheBase):
+    """Sequences of a :class:`PagedKVCache` run together as one batch (row ``i`` = ``seqs[i]``).
+
+    ``begin`` reserves the step's pages in the pool (new pages, private copies of shared ones);
+    if the step then fails they stay with their sequences, holding the same tokens, and serve the
+    next step (or return to the pool on ``free``)."""
+
+    def __init__(self, pool: PagedKVCache, seqs: list[int]):
+        super().__init__(pool.num_layers, pool.num_kv_heads, pool.head_dim, pool.dtype, pool.device)
+        seqs = list(seqs)
+        if not seqs:
+            raise ValueError("seqs must name at least one sequence")
+        if len(set(seqs)) != len(seqs):
+            raise ValueError(f"seqs must not repeat a sequence, got {seqs}")
+        for seq in seqs:
+            pool._check_sequence(seq)
+        self.pool, self.seqs = pool, seqs
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def lengths(self) -> Tensor:
+        """``(B,)`` tokens held per sequence (int64, CPU)."""
+        return torch.tensor([self.pool.length(s) for s in self.seqs], dtype=torch.int64)
+
+    def plan(self, n: int, counts: Tensor) -> Step:
+        lengths = self.lengths  # also checks that every sequence is still alive
+        self.pool.reserve(self.seqs, counts.tolist())
+        self._nk = int(lengths.max()) + n
+        step = appending_step(lengths, counts, n, self._nk, self.device)
+        page_size = self.pool.page_size
+        width = -(-self._nk // page_size)
+        # Each row's first `width` pages; past a sequence's end, padding (page 0) whose content is never visible.
+        tables = [self.pool._tables[s][:width] for s in self.seqs]
+        tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+        rows, tokens = real_tokens(counts)
+        columns = lengths[rows] + tokens  # = positions, all < num_keys: their pages are among the first `width`
+        self._gather = tables.to(self.device)
+        self._write = tuple(t.to(self.device) for t in (tables[rows, columns // page_size], columns % page_size,
+                                                        rows, tokens))
+        return step
+
+    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        pages, offsets, rows, tokens = self._write
+        out = []
+        for store, new in ((self.pool.k_pages[layer], k), (self.pool.v_pages[layer], v)):
+            store[pages, :, offsets] = new[rows, :, tokens]
+            gathered = store[self._gather]  # (B, width, Hkv, page_size, D), a copy
+            out.append(gathered.transpose(1, 2).flatten(2, 3)[:, :, :self._nk])
+        return out[0], out[1]
+
+    def finish(self, step: Step) -> None:
+        for seq, count in zip(self.seqs, step.counts.tolist()):
+            self.pool._lengths[seq] += count
+
+    def __repr__(self):
+        return f"PagedBatch(seqs={self.seqs}, lengths={self.lengths.tolist()})"

@@ -1,0 +1,231 @@
+"""Multi-head attention as an ``nn.Module``: projections around :func:`qkv.attention`.
+
+``(B, N, E)`` in, ``(B, N, E)`` out, batch first. Queries, keys and values are projected to
+``num_heads`` (queries) and ``num_kv_heads`` (keys/values; fewer for GQA, one for MQA) heads of
+``head_dim``, optionally RMS-normalised per head (QK-norm), rotated by RoPE, appended to a KV cache,
+attended with any qkv mask or score modifier, and projected back.
+
+A learned *sink* logit per head (``sink=True``) adds an "attend to nothing" column to every
+softmax row, as some recent open-weight models do: with ``out, lse`` from the attention,
+``softmax([s, sink]) @ [v, 0] = out * sigmoid(lse - sink)``.
+
+For a drop-in replacement of :class:`torch.nn.MultiheadAttention` (its call signature, masks and
+sequence-first layout) see :class:`qkv.nn.compat.MultiheadAttention`; :meth:`MultiHeadAttention.from_torch`
+copies such a module's weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import attention as _attention
+from .. import attention_weights as _attention_weights
+from ..cache.base import positive_int
+
+#: eps of the per-head RMS norms used by ``qk_norm=True``.
+QK_NORM_EPS = 1e-6
+
+
+class MultiHeadAttention(nn.Module):
+    """Self- or cross-attention over ``(B, N, E)`` inputs.
+
+    Args:
+        embed_dim: ``E``, the width of the queries and of the output.
+        num_heads: query heads ``Hq``.
+        num_kv_heads: key/value heads ``Hkv`` (default ``Hq``); must divide ``Hq``.
+        kdim, vdim: widths of the key and value inputs (default ``E``), for cross-attention.
+        bias: biases on the projections.
+        fused_qkv: one ``qkv_proj`` ``Linear(E, (Hq + 2 Hkv) * head_dim)`` instead of ``q_proj``,
+            ``k_proj``, ``v_proj`` (self-attention runs one matmul; cross-attention uses the
+            slices). Needs ``kdim == vdim == E``.
+        dropout: probability of dropping an attention weight while training.
+        qk_norm: RMS-normalise each query and key head (``q_norm``, ``k_norm``) before RoPE.
+        head_dim: per-head width ``D`` (default ``E // Hq``).
+        sink: learn one sink logit per query head (``sink_logits``, initialised to 0).
+
+    Submodules: ``q_proj``, ``k_proj``, ``v_proj`` (or ``qkv_proj``), ``out_proj``
+    (``Linear(Hq * D, E)``), and with ``qk_norm`` ``q_norm``, ``k_norm``.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, kdim: int | None = None,
+                 vdim: int | None = None, bias: bool = True, fused_qkv: bool = False, dropout: float = 0.0,
+                 qk_norm: bool = False, head_dim: int | None = None, sink: bool = False, device=None, dtype=None):
+        super().__init__()
+        self.embed_dim = positive_int("embed_dim", embed_dim)
+        self.num_heads = positive_int("num_heads", num_heads)
+        self.num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads", num_kv_heads)
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads}), "
+                                 "or pass head_dim")
+            head_dim = embed_dim // num_heads
+        self.head_dim = positive_int("head_dim", head_dim)
+        self.kdim = embed_dim if kdim is None else positive_int("kdim", kdim)
+        self.vdim = embed_dim if vdim is None else positive_int("vdim", vdim)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        self.dropout = float(dropout)
+        self.fused_qkv = bool(fused_qkv)
+        factory = {"device": device, "dtype": dtype}
+        q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self.fused_qkv:
+            if self.kdim != embed_dim or self.vdim != embed_dim:
+                raise ValueError(f"fused_qkv needs kdim == vdim == embed_dim ({embed_dim}), "
+                                 f"got kdim={self.kdim}, vdim={self.vdim}")
+            self.qkv_proj = nn.Linear(embed_dim, q_width + 2 * kv_width, bias=bias, **factory)
+        else:
+            self.q_proj = nn.Linear(embed_dim, q_width, bias=bias, **factory)
+            self.k_proj = nn.Linear(self.kdim, kv_width, bias=bias, **factory)
+            self.v_proj = nn.Linear(self.vdim, kv_width, bias=bias, **factory)
+        self.out_proj = nn.Linear(q_width, embed_dim, bias=bias, **factory)
+        self.qk_norm = bool(qk_norm)
+        if self.qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS, **factory)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS, **factory)
+        self.sink_logits = nn.Parameter(torch.zeros(num_heads, **factory)) if sink else None
+
+    def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None, *, mask=None,
+                score_mod=None, rope=None, positions=None, cache=None, need_weights: bool = False,
+                average_attn_weights: bool = True, backend: str | None = None):
+        """Attend.
+
+        Args:
+            query: ``(B, N, E)``.
+            key: ``(B, S, kdim)``; None for self-attention (``key = value = query``).
+            value: ``(B, S, vdim)``; None means ``value = key``.
+            mask: any mask :func:`qkv.attention` takes (a :class:`qkv.Mask`, a bool tensor with
+                True = may attend, or an additive float tensor), broadcastable to ``(B, Hq, N, S)``.
+                Not with ``cache``: the cache supplies the mask.
+            score_mod: a :mod:`qkv.scores` modifier (ALiBi, soft-capping, relative bias).
+            rope: a :class:`qkv.nn.RotaryEmbedding` applied to queries and keys (self-attention).
+            positions: positions of the ``N`` tokens for ``rope``: an int offset, ``(N,)`` or
+                ``(B, N)``; default ``0..N-1``, or the cache's positions when ``cache`` is given.
+            cache: one layer of a KV cache (``kv_cache.layer(i)``, see :mod:`qkv.cache`) between its
+                ``begin`` and ``commit``: the new keys/values are appended and all cached ones attended.
+            need_weights: also return the attention weights, from the materialised reference path.
+            average_attn_weights: average the weights over heads (``(B, N, S)``) or not
+                (``(B, Hq, N, S)``).
+            backend: passed to :func:`qkv.attention`.
+
+        Returns:
+            ``out (B, N, E)``, or ``(out, weights)`` with ``need_weights``; weights are float32
+            (float64 for float64 inputs), before dropout, and include the sink's share.
+        """
+        self_attention = key is None
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check_inputs(query, key, value)
+        q, k, v = self._project(query, key, value)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None:
+            if not self_attention:
+                raise ValueError("cache: a KV cache serves self-attention only; pass key=None")
+            if mask is not None:
+                raise ValueError("mask: with a cache, the cache builds the mask (causal over each sequence's "
+                                 "own positions); pass mask=None")
+            positions = cache.positions if positions is None else positions
+        if rope is not None:
+            if not self_attention:
+                raise ValueError("rope: rotary embeddings apply to self-attention only (key=None)")
+            q, k = rope(q, positions), rope(k, positions)
+        if cache is not None:
+            k, v, mask = cache.update(k, v)
+            score_mod = cache.remap_score_mod(score_mod)
+        dropout_p = self.dropout if self.training else 0.0
+        sink = self.sink_logits is not None
+        result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
+                            backend=backend)
+        out, gate = result, None
+        if sink:
+            out, lse = result
+            gate = torch.sigmoid(lse - self.sink_logits.to(lse.dtype)[:, None])  # (B, Hq, N)
+            out = out * gate.unsqueeze(-1).to(out.dtype)
+        batch, n = query.shape[0], query.shape[1]
+        out = self.out_proj(out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim))
+        if not need_weights:
+            return out
+        weights = _attention_weights(q, k, mask=mask, score_mod=score_mod)
+        if gate is not None:
+            weights = weights * gate.unsqueeze(-1).to(weights.dtype)
+        return out, weights.mean(dim=1) if average_attn_weights else weights
+
+    def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+            if not isinstance(t, Tensor) or not t.is_floating_point():
+                raise TypeError(f"{name} must be a floating torch.Tensor, got "
+                                f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
+            if t.dim() != 3 or t.shape[-1] != width:
+                raise ValueError(f"{name} must have shape (batch, seq, {width}), got {tuple(t.shape)}")
+        if not query.shape[0] == key.shape[0] == value.shape[0]:
+            raise ValueError(f"query, key and value must share the batch size, got "
+                             f"{query.shape[0]}, {key.shape[0]}, {value.shape[0]}")
+        if key.shape[1] != value.shape[1]:
+            raise ValueError(f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}")
+
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected ``q (B, Hq, N, D)``, ``k, v (B, Hkv, S, D)``."""
+        if self.fused_qkv:
+            widths = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
+            if key is query and value is query:
+                q, k, v = self.qkv_proj(query).split(widths, dim=-1)
+            else:
+                weights = self.qkv_proj.weight.split(widths, dim=0)
+                biases = self.qkv_proj.bias.split(widths) if self.qkv_proj.bias is not None else (None,) * 3
+                q, k, v = (F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
+        else:
+            q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+        return self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
+
+    def _heads(self, x: Tensor, heads: int) -> Tensor:
+        """``(B, N, heads * D) -> (B, heads, N, D)``."""
+        return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+
+    @classmethod
+    def from_torch(cls, module: nn.MultiheadAttention) -> MultiHeadAttention:
+        """A :class:`MultiHeadAttention` with the weights of ``module`` (same device and dtype).
+
+        Called with batch-first inputs and qkv masks (True = may attend), it computes what
+        ``module`` computes. ``add_bias_kv`` and ``add_zero_attn`` have no counterpart here and
+        raise ``ValueError``.
+        """
+        if not isinstance(module, nn.MultiheadAttention):
+            raise TypeError(f"from_torch expects a torch.nn.MultiheadAttention, got {type(module).__name__}")
+        if module.bias_k is not None or module.add_zero_attn:
+            raise ValueError("from_torch: add_bias_kv and add_zero_attn are not supported")
+        same_dims = module._qkv_same_embed_dim
+        weight = module.out_proj.weight
+        ours = cls(module.embed_dim, module.num_heads, kdim=module.kdim, vdim=module.vdim,
+                   bias=module.in_proj_bias is not None, fused_qkv=same_dims, dropout=module.dropout,
+                   device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            if same_dims:
+                ours.qkv_proj.weight.copy_(module.in_proj_weight)
+            else:
+                for proj, w in ((ours.q_proj, module.q_proj_weight), (ours.k_proj, module.k_proj_weight),
+                                (ours.v_proj, module.v_proj_weight)):
+                    proj.weight.copy_(w)
+            if module.in_proj_bias is not None:
+                if same_dims:
+                    ours.qkv_proj.bias.copy_(module.in_proj_bias)
+                else:
+                    for proj, b in zip((ours.q_proj, ours.k_proj, ours.v_proj), module.in_proj_bias.chunk(3)):
+                        proj.bias.copy_(b)
+                ours.out_proj.bias.copy_(module.out_proj.bias)
+            ours.out_proj.weight.copy_(module.out_proj.weight)
+        return ours.train(module.training)
+
+    def extra_repr(self) -> str:
+        parts = [f"embed_dim={self.embed_dim}", f"num_heads={self.num_heads}"]
+        if self.num_kv_heads != self.num_heads:
+            parts.append(f"num_kv_heads={self.num_kv_heads}")
+        parts.append(f"head_dim={self.head_dim}")
+        if self.dropout:
+            parts.append(f"dropout={self.dropout}")
+        if self.sink_logits is not None:
+            parts.append("sink=True")
+        return ", ".join(parts)

@@ -1,0 +1,60 @@
+"""The feed-forward half of a transformer block: ``(B, N, dim) -> (B, N, dim)``.
+
+Two shapes: the classic two-layer MLP ``fc2(act(fc1(x)))`` (BERT, GPT-2) and the gated SwiGLU
+``down(silu(gate(x)) * up(x))`` (Shazeer, 2020, "GLU Variants Improve Transformer"; LLaMA).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..cache.base import positive_int
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
+
+_POINTWISE = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+}
+
+
+class MLP(nn.Module):
+    """``fc2(dropout(act(fc1(x))))`` with ``act`` one of ``"gelu"``, ``"gelu_tanh"``, ``"relu"``."""
+
+    def __init__(self, dim: int, hidden_dim: int, activation: str = "gelu", *, bias: bool = True,
+                 dropout: float = 0.0):
+        super().__init__()
+        if activation not in _POINTWISE:
+            raise ValueError(f"activation must be one of {ACTIVATIONS} (an MLP takes all but 'swiglu', which is "
+                             f"the SwiGLU module), got {activation!r}")
+        self.activation = activation
+        self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
+        self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.dropout(_POINTWISE[self.activation](self.fc1(x))))
+
+
+class SwiGLU(nn.Module):
+    """``down(dropout(silu(gate(x)) * up(x)))``."""
+
+    def __init__(self, dim: int, hidden_dim: int, *, bias: bool = True, dropout: float = 0.0):
+        super().__init__()
+        self.gate = nn.Linear(dim, hidden_dim, bias=bias)
+        self.up = nn.Linear(dim, hidden_dim, bias=bias)
+        self.down = nn.Linear(hidden_dim, dim, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(self.dropout(F.silu(self.gate(x)) * self.up(x)))
+
+
+def make_mlp(dim: int, hidden_dim: int, activation: str, *, bias: bool = True, dropout: float = 0.0) -> nn.Module:
+    """:class:`SwiGLU` for ``activation="swiglu"``, else an :class:`MLP` with that activation."""
+    positive_int("mlp_dim", hidden_dim)
+    if activation == "swiglu":
+        return SwiGLU(dim, hidden_dim, bias=bias, dropout=dropout)
+    return MLP(dim, hidden_dim, activation, bias=bias, dropout=dropout)  # MLP checks the activation
