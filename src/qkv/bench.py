@@ -149,6 +149,11 @@ def environment() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
     }
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     return info

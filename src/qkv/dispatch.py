@@ -16,17 +16,18 @@ from .problem import Problem, make_problem
 @dataclass(frozen=True)
 class Dispatch:
     """The outcome of dispatching one problem: the chosen backend, and for every registered
-    backend its estimated seconds (None where it cannot run) and the reasons it cannot."""
+    backend its estimated seconds (None where it cannot run) and the reasons it cannot.
+    ``str()`` renders the decision as a table."""
 
     chosen: str
     forced: bool
     estimates: dict[str, float | None]
     reasons: dict[str, list[str]]
-    problem_summary: str
+    problem: Problem
 
     def __str__(self) -> str:
         how = "forced by backend=" if self.forced else "auto: lowest estimate among supporting backends"
-        lines = [f"problem: {self.problem_summary}", f"chosen:  {self.chosen} ({how})"]
+        lines = [f"problem: {summarize(self.problem)}", f"chosen:  {self.chosen} ({how})"]
         for name, est in sorted(self.estimates.items(), key=lambda kv: (kv[1] is None, kv[1] or 0)):
             mark = "*" if name == self.chosen else " "
             if est is None:
@@ -73,7 +74,7 @@ def choose(problem: Problem, backend: str | None = None) -> Dispatch:
         chosen = backend
     else:
         chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
-    return Dispatch(chosen, backend is not None, estimates, reasons, summarize(problem))
+    return Dispatch(chosen, backend is not None, estimates, reasons, problem)
 
 
 def explain_dispatch(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,

@@ -7,9 +7,9 @@ next to what the dense ``(heads, N, N)`` float32 weights alone would take.
 
 Usage::
 
-    python scripts/measure_pooled_map_memory.py                  # N=32768, 4 heads, causal, block 128
-    python scripts/measure_pooled_map_memory.py --n 8192 --mask none --reduce max
-    python scripts/measure_pooled_map_memory.py --json benchmarks/results/pooled_map_memory.json
+    python benchmarks/pooled_map_memory.py                  # N=32768, 4 heads, causal, block 128
+    python benchmarks/pooled_map_memory.py --n 8192 --mask none --reduce max
+    python benchmarks/pooled_map_memory.py --json benchmarks/results/pooled_map_memory.json
 """
 
 from __future__ import annotations
