@@ -7,21 +7,10 @@ import torch
 
 import qkv
 from qkv.cache import StreamingKVCache
-from qkv.nn import Decoder
+from tests.decoders import TOL, make_model
 
 pytestmark = pytest.mark.usefixtures("small_tiled_backends")  # tiled_16x8, tiled_8x16
 
-TOL = dict(atol=1e-10, rtol=1e-10)
-
-
-def make_model(**options) -> Decoder:
-    torch.manual_seed(0)
-    defaults = dict(vocab_size=37, dim=16, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=24)
-    model = Decoder(**{**defaults, **options})
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.3 * torch.randn_like(p))
-    return model.double().eval()
 
 
 def streaming_mask(sinks: int, window: int) -> qkv.Mask:
