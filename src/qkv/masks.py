@@ -22,12 +22,15 @@ element-wise minimum of tile kinds, ``|`` the maximum, ``~`` swaps empty and ful
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .validate import positive_int
 
 #: Tile kinds of a block view, ordered so that ``&`` is ``min`` and ``|`` is ``max``.
 EMPTY, PARTIAL, FULL = 0, 1, 2
@@ -147,6 +150,13 @@ class Mask:
         memory per chunk); built-in masks override it with an ``O(tiles)`` analytic version."""
         return evaluate_block_kinds(self, grid, batch, heads)
 
+    def _bound_copy(self, **fields) -> Mask:
+        """A copy of this mask with ``fields`` replaced: how :meth:`bind` specialises a mask to
+        one problem (tensors moved to its device, offsets known) without changing the original."""
+        bound = copy.copy(self)
+        bound.__dict__.update(fields)
+        return bound
+
     def dense(self, batch: int, heads: int, nq: int, nk: int, device=None) -> Tensor:
         """The materialised mask, bool, broadcastable to ``(batch, heads, nq, nk)``."""
         b, h, q, k = position_grid(batch, heads, nq, nk, device)
@@ -246,9 +256,21 @@ def _int_vector(name: str, value, *, allow_2d: bool = False) -> Tensor:
     return t.to(torch.int64).reshape(-1) if t.dim() == 0 else t.to(torch.int64)
 
 
-def _by_batch(table: Tensor, b: Tensor) -> Tensor:
-    """``table[b]`` where ``table`` has one row per batch element or a single shared row."""
-    return table[b] if table.shape[0] > 1 else table[torch.zeros_like(b)]
+def _broadcast_index(index: Tensor, size: int) -> Tensor:
+    """``index`` into a dimension of ``size``, or zeros where that dimension is broadcast (size 1)."""
+    return index if size > 1 else torch.zeros_like(index)
+
+
+def _in_key_prefix(lengths: Tensor, b: Tensor, k: Tensor) -> Tensor:
+    """``k < lengths[b]``: the key lies in its batch element's first ``lengths[b]`` positions."""
+    return k < lengths[_broadcast_index(b, lengths.shape[0])]
+
+
+def _key_prefix_kinds(lengths: Tensor, grid: TileGrid) -> Tensor:
+    """Tile kinds ``(B|1, 1, nQB, nKB)`` of :func:`_in_key_prefix`: the same for every query tile."""
+    kf, kl = grid.k_bounds()
+    lengths = lengths.view(-1, 1, 1, 1)
+    return tile_kinds(kf >= lengths, kl < lengths).expand(-1, -1, grid.num_q_blocks, -1)
 
 
 class KeyPadding(Mask):
@@ -265,18 +287,13 @@ class KeyPadding(Mask):
         if n and (int(self.lengths.min()) < 0 or int(self.lengths.max()) > nk):
             raise ValueError(f"key_padding: lengths must lie in [0, Nk={nk}], "
                              f"got {self.lengths.tolist()}")
-        bound = type(self).__new__(type(self))
-        bound.__dict__.update(self.__dict__, lengths=self.lengths.to(device))
-        return bound
+        return self._bound_copy(lengths=self.lengths.to(device))
 
     def allowed(self, b, h, q, k):
-        return k < _by_batch(self.lengths, b)
+        return _in_key_prefix(self.lengths, b, k)
 
     def block_kinds(self, grid, batch, heads):
-        kf, kl = grid.k_bounds()
-        lengths = self.lengths.view(-1, 1, 1, 1)
-        kinds = tile_kinds(kf >= lengths, kl < lengths)  # (B|1, 1, 1, nKB)
-        return kinds.expand(-1, -1, grid.num_q_blocks, -1)
+        return _key_prefix_kinds(self.lengths, grid)
 
     def __repr__(self):
         return f"key_padding({self.lengths.tolist()})"
@@ -313,12 +330,9 @@ class Document(Mask):
         if self.q_segment_ids is None and nq > nk:
             raise ValueError(f"document: Nq={nq} > Nk={nk} leaves queries without a position in "
                              "segment_ids; pass q_segment_ids for cross-attention")
-        bound = type(self).__new__(type(self))
-        bound.__dict__.update(self.__dict__)
-        bound.segment_ids = self.segment_ids.to(device)
-        bound.q_segment_ids = None if self.q_segment_ids is None else self.q_segment_ids.to(device)
-        bound._offset = nk - nq
-        return bound
+        return self._bound_copy(
+            segment_ids=self.segment_ids.to(device), _offset=nk - nq,
+            q_segment_ids=None if self.q_segment_ids is None else self.q_segment_ids.to(device))
 
     def _query_ids(self, b: Tensor, q: Tensor) -> Tensor:
         if self.q_segment_ids is not None:
@@ -327,8 +341,7 @@ class Document(Mask):
 
     @staticmethod
     def _gather(ids: Tensor, b: Tensor, pos: Tensor) -> Tensor:
-        rows = b if ids.shape[0] > 1 else torch.zeros_like(b)
-        return ids[rows, pos]
+        return ids[_broadcast_index(b, ids.shape[0]), pos]
 
     def allowed(self, b, h, q, k):
         same = self._query_ids(b, q) == self._gather(self.segment_ids, b, k)
@@ -369,9 +382,7 @@ class GlobalTokens(Mask):
             raise ValueError(f"global_tokens: indices must lie in [0, Nk={nk}), got {self.indices.tolist()}")
         is_global = torch.zeros(nk + 1, dtype=torch.bool, device=device)  # last slot: "no position"
         is_global[self.indices.to(device)] = True
-        bound = type(self).__new__(type(self))
-        bound.__dict__.update(self.__dict__, _is_global=is_global, _nk=nk)
-        return bound
+        return self._bound_copy(_is_global=is_global, _nk=nk)
 
     def _flag(self, pos: Tensor) -> Tensor:
         return self._is_global[torch.where(pos < 0, self._nk, pos)]
@@ -407,10 +418,8 @@ class BlockSparse(Mask):
             raise TypeError("block_sparse: layout must be a bool tensor")
         if layout.dim() not in (2, 4):
             raise ValueError(f"block_sparse: layout must be 2-D or 4-D, got shape {tuple(layout.shape)}")
-        if not isinstance(block_size, int) or block_size <= 0:
-            raise ValueError(f"block_sparse: block_size must be a positive int, got {block_size!r}")
         self.layout = _as_4d(layout)
-        self.block_size = block_size
+        self.block_size = positive_int("block_sparse: block_size", block_size)
 
     def bind(self, batch, heads, nq, nk, device):
         need = math.ceil(nk / self.block_size)
@@ -421,15 +430,12 @@ class BlockSparse(Mask):
         if lq < need or lk < need:
             raise ValueError(f"block_sparse: layout {lq}x{lk} does not cover Nk={nk} positions in "
                              f"blocks of {self.block_size} ({need}x{need} needed)")
-        bound = type(self).__new__(type(self))
-        bound.__dict__.update(self.__dict__, layout=self.layout.to(device))
-        return bound
+        return self._bound_copy(layout=self.layout.to(device))
 
     def allowed(self, b, h, q, k):
         lb, lh = self.layout.shape[:2]
-        bi = b if lb > 1 else torch.zeros_like(b)
-        hi = h if lh > 1 else torch.zeros_like(h)
-        cell = self.layout[bi, hi, q.clamp(min=0) // self.block_size, k // self.block_size]
+        cell = self.layout[_broadcast_index(b, lb), _broadcast_index(h, lh), q.clamp(min=0) // self.block_size,
+                           k // self.block_size]
         return cell & (q >= 0)
 
     def block_kinds(self, grid, batch, heads):
@@ -469,14 +475,11 @@ class TensorMask(Mask):
                                  f"(B, H, Nq, Nk) = {expected} ({name}: {size} vs {want})")
         if device is not None and self.tensor.device != torch.device(device):
             raise ValueError(f"mask: on {self.tensor.device}, but q is on {device}")
-        bound = type(self).__new__(type(self))
-        bound.__dict__.update(self.__dict__, _offset=nk - nq)
-        return bound
+        return self._bound_copy(_offset=nk - nq)
 
     def allowed(self, b, h, q, k):
         rows = q - self._offset
-        index = [i if size > 1 else torch.zeros_like(i)
-                 for i, size in zip((b, h, rows, k), self.tensor.shape)]
+        index = [_broadcast_index(i, size) for i, size in zip((b, h, rows, k), self.tensor.shape)]
         return self.tensor[tuple(index)]
 
     def block_kinds(self, grid, batch, heads):
@@ -562,18 +565,13 @@ class PrefixLM(Mask):
     def bind(self, batch, heads, nq, nk, device):
         if self.prefix_len.numel() not in (1, batch):
             raise ValueError(f"prefix_lm: prefix_len has {self.prefix_len.numel()} entries, expected 1 or batch={batch}")
-        bound = type(self).__new__(type(self))
-        bound.__dict__.update(self.__dict__, prefix_len=self.prefix_len.to(device))
-        return bound
+        return self._bound_copy(prefix_len=self.prefix_len.to(device))
 
     def allowed(self, b, h, q, k):
-        return (k < _by_batch(self.prefix_len, b)) | (k <= q)
+        return _in_key_prefix(self.prefix_len, b, k) | (k <= q)
 
     def block_kinds(self, grid, batch, heads):
-        kf, kl = grid.k_bounds()
-        prefix = self.prefix_len.view(-1, 1, 1, 1)
-        in_prefix = tile_kinds(kf >= prefix, kl < prefix).expand(-1, -1, grid.num_q_blocks, -1)
-        return torch.maximum(in_prefix, Causal().block_kinds(grid, batch, heads))
+        return torch.maximum(_key_prefix_kinds(self.prefix_len, grid), Causal().block_kinds(grid, batch, heads))
 
     def __repr__(self):
         return f"prefix_lm({self.prefix_len.tolist()})"

@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .validate import positive_int
+
 
 class ScoreMod:
     """A score modifier ``fn(score, b, h, q, k, *tensors) -> score``.
@@ -74,8 +76,7 @@ def alibi_slopes(num_heads: int) -> Tensor:
     For ``n`` a power of two: ``2 ** (-8 * i / n)`` for ``i = 1..n``. Otherwise the slopes of the
     largest power of two below ``n``, followed by every other slope of twice that power.
     """
-    if not isinstance(num_heads, int) or num_heads <= 0:
-        raise ValueError(f"alibi_slopes: num_heads must be a positive int, got {num_heads!r}")
+    positive_int("alibi_slopes: num_heads", num_heads)
 
     def powers(n: int) -> list[float]:
         return [2.0 ** (-8.0 * i / n) for i in range(1, n + 1)]

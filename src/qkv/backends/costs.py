@@ -88,21 +88,20 @@ SMALL_PROBLEM_SCORES = 1 << 18
 def tiled(problem: Problem, sizes) -> float:
     r = _rates(problem)
     if problem.mask is None or problem.nq * problem.nk <= SMALL_PROBLEM_SCORES:
+        visited, partial = problem.nq * problem.nk * _heads(problem), 0
         q_tiles, k_tiles = -(-problem.nq // sizes.block_q), -(-problem.nk // sizes.block_k)
         steps = q_tiles * -(-k_tiles * sizes.block_k // sizes.max_run)
-        t = problem.nq * problem.nk * _heads(problem) * (r.tiled_score + r.tiled_score_per_dim * _dims(problem))
-        return _with_backward(problem, t + steps * r.tiled_step, r.tiled_backward)
-    kinds = problem.block_kinds(sizes.block_q, sizes.block_k)
-    rows = torch.clamp(problem.nq - torch.arange(kinds.shape[0]) * sizes.block_q, max=sizes.block_q)
-    cols = torch.clamp(problem.nk - torch.arange(kinds.shape[1]) * sizes.block_k, max=sizes.block_k)
-    tile_scores = rows[:, None] * cols[None, :] * _heads(problem)
-    visited = int(tile_scores[kinds != EMPTY].sum())
-    partial = int(tile_scores[kinds == PARTIAL].sum())
-    visited_tiles = int((kinds != EMPTY).sum())
-    # A run starts wherever a non-empty tile differs in kind from its left neighbour.
-    changes = kinds[:, 1:] != kinds[:, :-1]
-    starts = int((kinds[:, 0] != EMPTY).sum()) + int((changes & (kinds[:, 1:] != EMPTY)).sum())
-    steps = max(starts, visited_tiles * sizes.block_k // sizes.max_run)
+    else:
+        kinds = problem.block_kinds(sizes.block_q, sizes.block_k)
+        rows = torch.clamp(problem.nq - torch.arange(kinds.shape[0]) * sizes.block_q, max=sizes.block_q)
+        cols = torch.clamp(problem.nk - torch.arange(kinds.shape[1]) * sizes.block_k, max=sizes.block_k)
+        tile_scores = rows[:, None] * cols[None, :] * _heads(problem)
+        visited = int(tile_scores[kinds != EMPTY].sum())
+        partial = int(tile_scores[kinds == PARTIAL].sum())
+        # A run starts wherever a non-empty tile differs in kind from its left neighbour.
+        changes = kinds[:, 1:] != kinds[:, :-1]
+        starts = int((kinds[:, 0] != EMPTY).sum()) + int((changes & (kinds[:, 1:] != EMPTY)).sum())
+        steps = max(starts, int((kinds != EMPTY).sum()) * sizes.block_k // sizes.max_run)
     t = (visited * (r.tiled_score + r.tiled_score_per_dim * _dims(problem))
          + partial * r.tiled_partial_score + steps * r.tiled_step)
     return _with_backward(problem, t, r.tiled_backward)

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from ..masks import Mask, causal
+from ..validate import positive_int
 from .positions import PositionMask
 
 
@@ -41,13 +42,6 @@ class CacheFullError(RuntimeError):
 
 
 # -- argument checks shared by the caches and the modules that drive them ----------------------
-
-def positive_int(name: str, value) -> int:
-    """``value`` if it is an int ``> 0`` (not a bool), else ``ValueError`` naming ``name``."""
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
 
 def token_counts(value, *, name: str, batch_size: int, num_tokens: int, minimum: int = 0) -> Tensor:
     """``value`` as ``(batch_size,)`` int64 on CPU, each in ``[minimum, num_tokens]``: how many of

@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import CacheFullError, KVCacheBase, Step, appending_step, positive_int, put_tokens
+from ..validate import positive_int
+from .base import CacheFullError, KVCacheBase, Step, appending_step, put_tokens
 
 
 class KVCache(KVCacheBase):

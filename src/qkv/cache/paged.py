@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import CacheFullError, KVCacheBase, Step, appending_step, check_layout, positive_int, real_tokens
+from ..validate import positive_int
+from .base import CacheFullError, KVCacheBase, Step, appending_step, check_layout, real_tokens
 
 
 class PagedKVCache:

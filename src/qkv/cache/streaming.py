@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import KVCacheBase, Step, positive_int, real_tokens
+from ..validate import positive_int
+from .base import KVCacheBase, Step, real_tokens
 from .positions import PositionMask
 
 

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..backends.tiled import plan_runs
 from ..problem import Problem, make_problem
+from ..validate import positive_int
 
 NEG_INF = float("-inf")
 
@@ -56,7 +57,7 @@ def attention_rows(q: Tensor, k: Tensor, mask=None, *, rows, heads=None, scale: 
     problem = _problem(q, k, mask, scale, score_mod)
     row_index = _indices("rows", rows, problem.nq, problem.index_device)
     head_index = _indices("heads", heads, problem.q_heads, problem.index_device)
-    _check_positive_int("chunk", chunk)
+    positive_int("chunk", chunk)
     given_lse = _checked_lse(lse, problem)
     scorer = _Scorer(problem, head_index)
     weights = torch.empty(problem.batch, len(head_index), len(row_index), problem.nk,
@@ -101,7 +102,7 @@ def pooled_attention_map(q: Tensor, k: Tensor, mask=None, *, block: int | tuple[
     block_q, block_k = _block_sizes(block)
     if reduce not in ("mean", "max"):
         raise ValueError(f"reduce must be 'mean' or 'max', got {reduce!r}")
-    _check_positive_int("max_run", max_run)
+    positive_int("max_run", max_run)
     head_index = _indices("heads", heads, problem.q_heads, problem.index_device)
     given_lse = _checked_lse(lse, problem)
     if given_lse is not None:
@@ -235,11 +236,6 @@ def _problem(q, k, mask, scale, score_mod) -> Problem:
     if not isinstance(k, Tensor):
         raise TypeError(f"k must be a torch.Tensor, got {type(k).__name__}")
     return make_problem(q, k, k[..., :1], mask, scale=scale, score_mod=score_mod)
-
-
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 def _block_sizes(block) -> tuple[int, int]:

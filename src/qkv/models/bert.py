@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from .. import masks
 from ..nn import TransformerBlock
+from ..validate import positive_int
 from .bert_weights import load_bert_weights
 from .checkpoint import Checkpoint
 from .config import BertConfig
@@ -202,8 +203,7 @@ class BertModel(nn.Module):
         Texts longer than the checkpoint's ``max_seq_length`` (256 for all-MiniLM-L6-v2) are cut
         there, as sentence-transformers does.
         """
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        positive_int("batch_size", batch_size)
         texts = as_text_list(texts, "texts")
         pooling = self.pooling
         if normalize is not None:

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..nn import Decoder
 from ..nn.transformer import DecoderConfig
+from ..validate import positive_int
 from . import gpt
 from .corpus import Corpus
 
@@ -44,9 +45,7 @@ class TrainSettings:
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "context", "eval_every", "eval_batches", "checkpoint_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            positive_int(name, getattr(self, name))
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
         for name, ok, expected in (("lr", self.lr > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .. import attention as _attention
 from .. import attention_weights as _attention_weights
-from ..cache.base import positive_int
+from ..validate import positive_int
 
 #: eps of the per-head RMS norms used by ``qk_norm=True``.
 QK_NORM_EPS = 1e-6

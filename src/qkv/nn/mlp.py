@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..cache.base import positive_int
+from ..validate import positive_int
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 

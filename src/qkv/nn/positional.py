@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import scores
-from ..cache.base import positive_int
+from ..validate import positive_int
 
 ROPE_SCALINGS = (None, "linear", "ntk")
 

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from ..cache import KVCacheBase, PagedKVCache
-from ..cache.base import positive_int, token_counts
+from ..cache.base import token_counts
+from ..validate import positive_int
 from ..masks import causal, key_padding
 from .block import TransformerBlock
 from .generation import generate
