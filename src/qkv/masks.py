@@ -73,7 +73,7 @@ class TileGrid:
         """Position of query row 0 (only when it is one int for the whole batch)."""
         off = self.positions.q_offset
         if not isinstance(off, int):
-            raise ValueError("TileGrid.offset: the query offset differs per batch element; use q_bounds()")
+            raise ValueError("TileGrid.offset: the query offset differs per batch element; use query_bounds()")
         return off
 
     @property
@@ -96,15 +96,32 @@ class TileGrid:
         last = torch.clamp(first + self.block_k, max=self.nk) - 1
         return first.view(1, 1, 1, -1), last.view(1, 1, 1, -1)
 
-    def q_bounds(self) -> tuple[Tensor, Tensor]:
+    def query_bounds(self) -> tuple[Tensor, Tensor]:
         """First and last query position of each query tile, each ``(B|1, 1, nQB, 1)``."""
         first, last = self.q_rows()
         return self.positions.queries(first), self.positions.queries(last)
 
-    def k_bounds(self) -> tuple[Tensor, Tensor]:
+    def key_bounds(self) -> tuple[Tensor, Tensor]:
         """First and last key position of each key tile, each ``(B|1, 1, 1, nKB)``."""
         first, last = self.k_cols()
         return self.positions.keys(first), self.positions.keys(last)
+
+    def q_bounds(self) -> tuple[Tensor, Tensor]:
+        """First and last query position of each query tile, each ``(nQB,)``; only for offsets
+        that are the same for the whole batch (else use :meth:`query_bounds`)."""
+        self._require_scalar("q_bounds", "query_bounds")
+        return tuple(x.reshape(-1) for x in self.query_bounds())
+
+    def k_bounds(self) -> tuple[Tensor, Tensor]:
+        """First and last key position of each key tile, each ``(nKB,)``; only for offsets that
+        are the same for the whole batch (else use :meth:`key_bounds`)."""
+        self._require_scalar("k_bounds", "key_bounds")
+        return tuple(x.reshape(-1) for x in self.key_bounds())
+
+    def _require_scalar(self, old: str, new: str) -> None:
+        if not self.positions.scalar:
+            raise ValueError(f"TileGrid.{old}: the offsets differ per batch element; use TileGrid.{new}() "
+                             "(bounds per batch element)")
 
 
 def tile_kinds(empty: Tensor, full: Tensor) -> Tensor:
@@ -262,8 +279,8 @@ class Causal(Mask):
         return k <= q
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql = grid.q_bounds()
-        kf, kl = grid.k_bounds()
+        qf, ql = grid.query_bounds()
+        kf, kl = grid.key_bounds()
         return tile_kinds(kf > ql, kl <= qf)
 
     def __repr__(self):
@@ -285,8 +302,8 @@ class SlidingWindow(Mask):
         return (k >= q - self.left) & (k <= q + self.right)
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql = grid.q_bounds()
-        kf, kl = grid.k_bounds()
+        qf, ql = grid.query_bounds()
+        kf, kl = grid.key_bounds()
         empty = (kl < qf - self.left) | (kf > ql + self.right)
         full = (kf >= ql - self.left) & (kl <= qf + self.right)
         return tile_kinds(empty, full)
@@ -323,7 +340,7 @@ def _in_key_prefix(lengths: Tensor, b: Tensor, k: Tensor) -> Tensor:
 
 def _key_prefix_kinds(lengths: Tensor, grid: TileGrid) -> Tensor:
     """Tile kinds ``(B|1, 1, nQB, nKB)`` of :func:`_in_key_prefix`: the same for every query tile."""
-    kf, kl = grid.k_bounds()
+    kf, kl = grid.key_bounds()
     lengths = lengths.view(-1, 1, 1, 1)
     return tile_kinds(kf >= lengths, kl < lengths).expand(-1, -1, grid.num_q_blocks, -1)
 
@@ -426,9 +443,9 @@ class Document(Mask):
                          for ids in (self.segment_ids, self.q_segment_ids))
         if not sorted_ids:
             return evaluate_block_kinds(self, grid, batch, heads)
-        kf, kl = grid.k_bounds()
+        kf, kl = grid.key_bounds()
         if self.q_segment_ids is None:
-            q_ids, (q_lo, q_hi) = self.segment_ids, grid.q_bounds()
+            q_ids, (q_lo, q_hi) = self.segment_ids, grid.query_bounds()
         else:
             q_ids, (q_lo, q_hi) = self.q_segment_ids, grid.q_rows()
         # Sorted ids: a tile's id range is given by its first and last position.
@@ -457,7 +474,12 @@ class GlobalTokens(Mask):
         if self.indices.numel() and (int(self.indices[0]) < 0 or (not explicit and int(self.indices[-1]) >= nk)):
             raise ValueError(f"global_tokens: indices must lie in [0, Nk={nk}), got {self.indices.tolist()}"
                              if not explicit else f"global_tokens: indices must be >= 0, got {self.indices.tolist()}")
-        return self._bound_copy(indices=self.indices.to(device))
+        bound = self._bound_copy(indices=self.indices.to(device))
+        if not explicit:  # a position table, for masks built on this one (qkv.sparse_patterns)
+            bound._nk = nk
+            bound._is_global = torch.zeros(nk + 1, dtype=torch.bool, device=device)  # last: "no position"
+            bound._is_global[bound.indices] = True
+        return bound
 
     def _count_up_to(self, pos: Tensor, right: bool) -> Tensor:
         """How many global positions are ``< pos`` (``<= pos`` with ``right``)."""
@@ -474,8 +496,8 @@ class GlobalTokens(Mask):
         return n > 0, n == (last + 1 - first)
 
     def block_kinds(self, grid, batch, heads):
-        q_any, q_all = self._tile_any_all(*grid.q_bounds())
-        k_any, k_all = self._tile_any_all(*grid.k_bounds())
+        q_any, q_all = self._tile_any_all(*grid.query_bounds())
+        k_any, k_all = self._tile_any_all(*grid.key_bounds())
         empty = ~q_any & ~k_any
         full = q_all | k_all
         return tile_kinds(empty, full)
@@ -525,8 +547,8 @@ class BlockSparse(Mask):
         return cell & (q >= 0)
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql = grid.q_bounds()
-        kf, kl = grid.k_bounds()
+        qf, ql = grid.query_bounds()
+        kf, kl = grid.key_bounds()
         bs = self.block_size
         layout = self.layout.to(grid.device)
         # 2-D prefix sums over the layout: count of allowed cells in any rectangle.
