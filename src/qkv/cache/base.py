@@ -216,8 +216,10 @@ class CacheLayer:
         step = self.cache.step
         if DEBUG or not step.checked:
             self.cache.check_kv(k, v, step.n)
-        keys, values = self.cache.store_and_read(self.index, k.detach(), v.detach())
-        if torch.is_grad_enabled():  # never a view of a buffer that a later step overwrites
+        if not torch.is_grad_enabled():
+            keys, values = self.cache.store_and_read(self.index, k, v)
+        else:  # never a view of a buffer that a later step overwrites
+            keys, values = self.cache.store_and_read(self.index, k.detach(), v.detach())
             keys, values = keys.clone(), values.clone()
             put_tokens(keys, k, step.new_columns)
             put_tokens(values, v, step.new_columns)

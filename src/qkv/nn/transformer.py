@@ -206,6 +206,7 @@ class Decoder(nn.Module):
                              head_dim=c.head_dim, qk_norm=c.qk_norm, sink=c.sink)
             for _ in range(c.num_layers))
         attn = self.blocks[0].attn
+        self._kv_shape = (c.num_layers, attn.num_kv_heads, attn.head_dim)  # per token and layer, in a cache
         self.position_embedding, self.rope, self.alibi = _positional_modules(
             c.positional, dim=c.dim, num_heads=c.num_heads, head_dim=attn.head_dim, max_positions=c.max_positions,
             symmetric_alibi=False, rope={"rotary_dim": c.rotary_dim, "base": c.rope_base,
@@ -238,15 +239,15 @@ class Decoder(nn.Module):
 
     def cache_layout(self) -> tuple:
         """What a cache must store for this model, as :meth:`qkv.cache.KVCacheBase.layout` gives it."""
-        attn, weight = self.blocks[0].attn, self.token_embedding.weight
-        return len(self.blocks), attn.num_kv_heads, attn.head_dim, weight.dtype, weight.device
+        weight = self.token_embedding.weight
+        return (*self._kv_shape, weight.dtype, weight.device)
 
     def check_input_ids(self, input_ids) -> None:
         """``TypeError``/``ValueError`` unless ``input_ids`` is an integer ``(B, N)`` tensor of valid ids."""
         _check_token_ids(input_ids, self.config.vocab_size)
 
     def forward(self, input_ids: Tensor, cache=None, *, lengths=None, mask=None, memory: Tensor | None = None,
-                memory_mask=None, backend: str | None = None) -> Tensor:
+                memory_mask=None, backend: str | None = None, check_ids: bool = True) -> Tensor:
         """Next-token logits ``(B, N, vocab_size)`` for ``input_ids (B, N)``.
 
         Args:
@@ -265,8 +266,12 @@ class Decoder(nn.Module):
             memory, memory_mask: the encoder output ``(B, M, memory_dim)`` and its mask, for
                 cross-attention.
             backend: :func:`qkv.attention` backend.
+            check_ids: check that ``input_ids`` are valid token ids (reading them back: a device sync).
+                ``False`` is for callers whose ids are valid by construction, such as
+                :meth:`generate` feeding back the tokens it sampled.
         """
-        self.check_input_ids(input_ids)
+        if check_ids:
+            self.check_input_ids(input_ids)
         batch, n = input_ids.shape
         step = None
         if cache is None:
