@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from .. import attention as _attention
 from .. import attention_weights as _attention_weights
 from ..validate import positive_int
+from .positional import Rotation
 
 #: eps of the per-head RMS norms used by ``qk_norm=True``.
 QK_NORM_EPS = 1e-6
@@ -101,7 +102,9 @@ class MultiHeadAttention(nn.Module):
                 True = may attend, or an additive float tensor), broadcastable to ``(B, Hq, N, S)``.
                 Not with ``cache``: the cache supplies the mask.
             score_mod: a :mod:`qkv.scores` modifier (ALiBi, soft-capping, relative bias).
-            rope: a :class:`qkv.nn.RotaryEmbedding` applied to queries and keys (self-attention).
+            rope: a :class:`qkv.nn.RotaryEmbedding` applied to queries and keys (self-attention),
+                or a :class:`qkv.nn.positional.Rotation` it made for this step's positions (a model
+                computes one per step and shares it across layers; ``positions`` is then unused).
             positions: positions of the ``N`` tokens for ``rope``: an int offset, ``(N,)`` or
                 ``(B, N)``; default ``0..N-1``, or the cache's positions when ``cache`` is given.
             cache: one layer of a KV cache (``kv_cache.layer(i)``, see :mod:`qkv.cache`) between its
@@ -128,11 +131,15 @@ class MultiHeadAttention(nn.Module):
             if mask is not None:
                 raise ValueError("mask: with a cache, the cache builds the mask (causal over each sequence's "
                                  "own positions); pass mask=None")
-            positions = cache.positions if positions is None else positions
         if rope is not None:
             if not self_attention:
                 raise ValueError("rope: rotary embeddings apply to self-attention only (key=None)")
-            q, k = rope(q, positions), rope(k, positions)
+            if not isinstance(rope, Rotation):  # one rotation (a table lookup) for q and k
+                end = None
+                if cache is not None and positions is None:
+                    positions, end = cache.rope_positions, cache.position_end
+                rope = rope.rotation(positions, q.shape[2], dtype=q.dtype, device=q.device, end=end)
+            q, k = rope(q), rope(k)
         if cache is not None:
             k, v, mask = cache.update(k, v)
             score_mod = cache.remap_score_mod(score_mod)
