@@ -22,6 +22,7 @@ block's :func:`qkv.attention` call (any backend, mask, score modifier). ``dq`` s
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -44,9 +45,12 @@ _DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.flo
 class RingStats:
     """What one call did on this rank (pass one as ``stats=`` to fill it).
 
-    ``bytes_sent`` per phase, ``steps`` run, per step whether blocks were computed and the seconds
-    spent computing (``compute_s``, excluding waits), ``wait_s`` the seconds spent waiting."""
+    ``plan`` is the schedule (steps run, blocks computed and skipped); ``*_bytes_sent`` what this
+    rank sent; per step, ``*_compute_s`` the time spent computing and ``*_wait_s`` the time spent
+    waiting for messages, both read from ``clock`` (``time.thread_time`` measures this thread's CPU
+    time, which oversubscribed CPUs do not inflate; CUDA is synchronised around each step)."""
 
+    clock: Callable[[], float] = time.perf_counter
     plan: RingPlan | None = None
     forward_bytes_sent: int = 0
     backward_bytes_sent: int = 0
@@ -175,9 +179,12 @@ class _Ring:
             messages.append(("send", current, self.ring.next, KV))
         return messages, incoming
 
+    def _clock(self) -> float:
+        return self.stats.clock() if self.stats is not None else 0.0
+
     def _timed(self, key: str, start: float) -> None:
         if self.stats is not None:
-            getattr(self.stats, key).append(time.perf_counter() - start)
+            getattr(self.stats, key).append(self.stats.clock() - start)
 
     def _sync(self, device) -> None:
         if self.stats is not None and device.type == "cuda":
@@ -198,7 +205,7 @@ class _Ring:
             pending = self.ring.start(messages, f"the K/V shard of rank {plan.shard(r, step + 1)} (forward step "
                                                 f"{step + 1} of {plan.steps}) from rank {self.ring.prev}")
             self._sync(q.device)
-            t0 = time.perf_counter()
+            t0 = self._clock()
             j = plan.shard(r, step)
             if plan.computes(r, step):
                 kj, vj = self.unpack(current, j, k, v)
@@ -213,7 +220,7 @@ class _Ring:
                         outs[a], lses[a] = _shim.merge_partials([outs[a], o], [lses[a], lse])
             self._sync(q.device)
             self._timed("forward_compute_s", t0)
-            t0 = time.perf_counter()
+            t0 = self._clock()
             self.ring.wait(pending)
             self._timed("forward_wait_s", t0)
             current = incoming
@@ -279,7 +286,7 @@ class _Ring:
             pending = ring.start(messages, f"K/V and gradients of rank {j} (backward step {step + 1} of "
                                            f"{plan.steps}) from rank {ring.prev}")
             self._sync(q.device)
-            t0 = time.perf_counter()
+            t0 = self._clock()
             contribution = None
             if plan.computes(r, step):
                 kj, vj = self.unpack(current, j, k, v)
@@ -301,7 +308,7 @@ class _Ring:
                 contribution = self.pack(dkj, dvj, cdt)
             self._sync(q.device)
             self._timed("backward_compute_s", t0)
-            t0 = time.perf_counter()
+            t0 = self._clock()
             ring.wait(pending)
             self._timed("backward_wait_s", t0)
             if step == 0:
