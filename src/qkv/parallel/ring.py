@@ -22,6 +22,7 @@ block's :func:`qkv.attention` call (any backend, mask, score modifier). ``dq`` s
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from qkv.masks import Mask
 from qkv.problem import make_problem
 from qkv.scores import ScoreMod, as_score_mod
 
@@ -45,19 +47,27 @@ _DTYPE_CODES = {torch.float64: 0, torch.float32: 1, torch.bfloat16: 2, torch.flo
 class RingStats:
     """What one call did on this rank (pass one as ``stats=`` to fill it).
 
-    ``plan`` is the schedule (steps run, blocks computed and skipped); ``*_bytes_sent`` what this
-    rank sent; per step, ``*_compute_s`` the time spent computing and ``*_wait_s`` the time spent
+    ``plan`` is the schedule (steps run, blocks computed and skipped); per step, ``*_sent`` the
+    bytes this rank sent, ``*_compute_s`` the time spent computing and ``*_wait_s`` the time spent
     waiting for messages, both read from ``clock`` (``time.thread_time`` measures this thread's CPU
     time, which oversubscribed CPUs do not inflate; CUDA is synchronised around each step)."""
 
     clock: Callable[[], float] = time.perf_counter
     plan: RingPlan | None = None
-    forward_bytes_sent: int = 0
-    backward_bytes_sent: int = 0
+    forward_sent: list = field(default_factory=list)
+    backward_sent: list = field(default_factory=list)
     forward_compute_s: list = field(default_factory=list)
     forward_wait_s: list = field(default_factory=list)
     backward_compute_s: list = field(default_factory=list)
     backward_wait_s: list = field(default_factory=list)
+
+    @property
+    def forward_bytes_sent(self) -> int:
+        return sum(self.forward_sent)
+
+    @property
+    def backward_bytes_sent(self) -> int:
+        return sum(self.backward_sent)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, group=None, layout: str = "contiguous",
@@ -110,13 +120,31 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, group=None, la
     mod = as_score_mod(score_mod)
     if mod is not None:
         mod.bind(q.shape[0], q.shape[1], total, total, q.device)
-    plan = build_plan(pieces, gmask.is_empty)
+    plan = _plan(mask, gmask, pieces)
     run = _Ring(ring, plan, gmask, mod, problem.scale, backend, stats)
     if stats is not None:
         stats.plan = plan
     extras = [*(mod.tensors if mod is not None else ()), *([gmask.tensor] if gmask.is_bias else [])]
     out, lse = _RingFunction.apply(run, q, k, v, *extras)
     return (out, lse) if return_lse else out
+
+
+#: Plans by user mask object (as the block-layout cache: the same mask object, e.g. one causal()
+#: shared by a model's layers, reuses its plan; a mask's tables must not be mutated in place).
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PLANS_PER_MASK = 8
+
+
+def _plan(mask, gmask: GlobalMask, pieces) -> RingPlan:
+    if not isinstance(mask, Mask):  # None (cheap) or a tensor (its contents may change)
+        return build_plan(pieces, gmask.is_empty)
+    key = (tuple(tuple(p) for p in pieces), gmask.batch, gmask.heads)
+    plans = _PLANS.setdefault(mask, {})
+    if key not in plans:
+        if len(plans) >= _PLANS_PER_MASK:
+            plans.pop(next(iter(plans)))
+        plans[key] = build_plan(pieces, gmask.is_empty)
+    return plans[key]
 
 
 def _check_same_problem(everyone: list[list[int]], rank: int) -> None:
@@ -186,6 +214,11 @@ class _Ring:
         if self.stats is not None:
             getattr(self.stats, key).append(self.stats.clock() - start)
 
+    def _count_sent(self, key: str, before: int) -> int:
+        if self.stats is not None:
+            getattr(self.stats, key).append(self.ring.bytes_sent - before)
+        return self.ring.bytes_sent
+
     def _sync(self, device) -> None:
         if self.stats is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -223,6 +256,7 @@ class _Ring:
             t0 = self._clock()
             self.ring.wait(pending)
             self._timed("forward_wait_s", t0)
+            sent_before = self._count_sent("forward_sent", sent_before)
             current = incoming
         out_parts, lse_parts = [], []
         b, h, dv = q.shape[0], q.shape[1], v.shape[3]
@@ -232,8 +266,6 @@ class _Ring:
                 lse = q.new_full((b, h, qn), float("-inf"), dtype=cdt)
             out_parts.append(o)
             lse_parts.append(lse.to(cdt))
-        if self.stats is not None:
-            self.stats.forward_bytes_sent += self.ring.bytes_sent - sent_before
         return torch.cat(out_parts, dim=2).to(q.dtype), torch.cat(lse_parts, dim=2)
 
     # --------------------------------------------------------------------------------- backward
@@ -321,6 +353,7 @@ class _Ring:
                 home = plan.reach[j] == step
                 sends.append(ring.start([("send", acc, j if home else ring.next, HOME if home else GRAD)],
                                         f"delivery of the K/V gradients of rank {j}"))
+            sent_before = self._count_sent("backward_sent", sent_before)
             current = incoming
         total = own
         if plan.reach[r] >= 1:        # the accumulator of this rank's keys comes home
@@ -331,8 +364,6 @@ class _Ring:
             total = back if total is None else total + back
         for pending in sends:
             ring.wait(pending)
-        if self.stats is not None:
-            self.stats.backward_bytes_sent += ring.bytes_sent - sent_before
         if total is None:
             dk, dv = torch.zeros_like(k), torch.zeros_like(v)
         else:
