@@ -135,3 +135,24 @@ def test_ring_attention_needs_a_process_group():
         pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         ring_attention(x, x, x)
+
+
+def test_one_rank_is_plain_attention(tmp_path):
+    """World size 1 (in this process): no messages, the result of qkv.attention."""
+    import torch.distributed as dist
+    from qkv.parallel import RingStats, ring_attention
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        q, k, v = (torch.randn(1, 2, 9, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+        stats = RingStats()
+        out, lse = ring_attention(q, k, v, qkv.causal(), return_lse=True, stats=stats)
+        ref, ref_lse = qkv.attention(q, k, v, qkv.causal(), return_lse=True)
+        assert torch.allclose(out, ref, atol=1e-12) and torch.allclose(lse, ref_lse, atol=1e-12)
+        grads = torch.autograd.grad(out.sum() + lse.sum(), (q, k, v))
+        ref_grads = torch.autograd.grad(ref.sum() + ref_lse.sum(), (q, k, v))
+        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref_grads))
+        assert stats.plan.steps == 1 and stats.forward_bytes_sent == 0
+    finally:
+        dist.destroy_process_group()

@@ -19,9 +19,10 @@ import copy
 import torch
 from torch import Tensor
 
+import qkv
+from qkv.layout import TileKind
 from qkv.masks import Mask
-
-from . import _shim
+from qkv.problem import make_problem
 
 
 class GlobalMask:
@@ -29,6 +30,7 @@ class GlobalMask:
 
     def __init__(self, mask, batch: int, heads: int, total: int, device):
         self.batch, self.heads, self.total = batch, heads, total
+        self._chunk_grid: tuple[int, Tensor] | None = None
         self.mask: Mask | None = None
         self.tensor: Tensor | None = None  # bool mask or float bias, 4-D, global positions
         if mask is None or isinstance(mask, Mask):
@@ -78,11 +80,28 @@ class GlobalMask:
             return self.tensor.dtype == torch.bool and not bool(self._slice(q0, q1, k0, k1).any())
         if self.mask is None:
             return False
-        return _shim.pair_is_empty(self.mask, self.batch, self.heads, self.total, q0, q1 - q0, k0, k1 - k0)
+        grid = self._chunk_grid
+        if grid is not None and (q1 - q0, k1 - k0) == (grid[0], grid[0]) and q0 % grid[0] == 0 == k0 % grid[0]:
+            return bool(grid[1][q0 // grid[0], k0 // grid[0]] == TileKind.EMPTY)
+        return bool((self._block_kinds(q0, q1 - q0, k0, k1 - k0, q1 - q0, k1 - k0) == TileKind.EMPTY).all())
+
+    def _block_kinds(self, q0: int, nq: int, k0: int, nk: int, block_q: int, block_k: int) -> Tensor:
+        """The mask's merged block view of queries ``q0 ..< q0 + nq`` x keys ``k0 ..< k0 + nk`` in
+        ``(block_q x block_k)`` tiles, on meta tensors (no data)."""
+        meta = torch.device("meta")
+        q = torch.empty(self.batch, self.heads, nq, 1, device=meta)
+        k = torch.empty(self.batch, 1, nk, 1, device=meta)
+        return make_problem(q, k, k, self.mask, q_offset=q0, k_offset=k0).block_kinds(block_q, block_k)
+
+    def prepare(self, chunk: int) -> None:
+        """Compute the block view of the whole sequence in ``chunk x chunk`` tiles at once (when
+        every piece is one such chunk), so that :meth:`is_empty` is a lookup."""
+        if self.mask is not None and chunk > 0 and self.total % chunk == 0:
+            self._chunk_grid = (chunk, self._block_kinds(0, self.total, 0, self.total, chunk, chunk))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, q0: int, k0: int, *, score_mod, scale, backend):
         """``qkv.attention`` of ``q`` (positions ``q0 ..``) over ``k, v`` (positions ``k0 ..``),
         returning ``(out, lse)``."""
         mask = self._slice(q0, q0 + q.shape[2], k0, k0 + k.shape[2]) if self.tensor is not None else self.mask
-        return _shim.attention(q, k, v, mask, q_offset=q0, k_offset=k0, total=self.total, score_mod=score_mod,
-                               scale=scale, backend=backend)
+        return qkv.attention(q, k, v, mask, q_offset=q0, k_offset=k0, score_mod=score_mod, scale=scale,
+                             backend=backend, return_lse=True)

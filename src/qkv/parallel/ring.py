@@ -31,10 +31,10 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from qkv.masks import Mask
+from qkv.merge import merge_partials
 from qkv.problem import make_problem
 from qkv.scores import ScoreMod, as_score_mod
 
-from . import _shim
 from .comm import GRAD, HOME, KV, Ring
 from .pairs import GlobalMask
 from .plan import RingPlan, build_plan
@@ -143,6 +143,9 @@ def _plan(mask, gmask: GlobalMask, pieces) -> RingPlan:
     if key not in plans:
         if len(plans) >= _PLANS_PER_MASK:
             plans.pop(next(iter(plans)))
+        sizes = {b - a for runs in pieces for a, b in runs}
+        if len(sizes) == 1:  # equal pieces: one block view of the whole sequence serves every block
+            gmask.prepare(sizes.pop())
         plans[key] = build_plan(pieces, gmask.is_empty)
     return plans[key]
 
@@ -250,7 +253,7 @@ class _Ring:
                     if outs[a] is None:
                         outs[a], lses[a] = o, lse
                     else:
-                        outs[a], lses[a] = _shim.merge_partials([outs[a], o], [lses[a], lse])
+                        outs[a], lses[a] = merge_partials([outs[a], o], [lses[a], lse])
             self._sync(q.device)
             self._timed("forward_compute_s", t0)
             t0 = self._clock()
