@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from qkv import bench
+from qkv.commands import bench_scaling
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -25,9 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per problem (best is kept)")
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles per shape: slow)")
     parser.add_argument("--json", metavar="PATH", help="write the results with device, versions and date")
+    bench_scaling.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scaling:
+        return bench_scaling.run(args)
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     env = bench.environment()
     direction = "forward + backward" if args.backward else "forward"
