@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from qkv import bench
+from qkv.commands import bench_scaling
 
 from .usage import UsageError, positive
 
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time compiled FlexAttention (compiles once per shape: slow; default: off)")
     timing.add_argument("--json", metavar="PATH", help="write every run's time with device, versions and date "
                                                        "(default: none)")
+    bench_scaling.add_arguments(parser)
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -64,6 +66,8 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scaling:
+        return bench_scaling.run(args)
     check_options(args)
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "debug")}
     env = bench.environment()
