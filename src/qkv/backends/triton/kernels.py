@@ -24,11 +24,24 @@ NEG_INF = float("-inf")
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr):
-    if IEEE:
+def _dot(a, b, DOT: tl.constexpr):
+    """DOT 0: native tensor-core dot (bf16/fp16); 1: float32 inputs, IEEE precision (no TF32);
+    2: upcast to float32 first (the interpreter, whose half-precision dots and casts are unreliable)."""
+    if DOT == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    elif DOT == 1:
         return tl.dot(a, b, input_precision="ieee")
     else:
         return tl.dot(a, b)
+
+
+@triton.jit
+def _operand(x, like, DOT: tl.constexpr):
+    """``x`` in ``like``'s dtype as a dot operand (kept in float32 when DOT == 2)."""
+    if DOT == 2:
+        return x
+    else:
+        return x.to(like.dtype)
 
 
 @triton.jit
@@ -173,7 +186,7 @@ def _fwd_tile(acc, m_i, l_i, q, kj, K_head, V_head, skn, svn, scale, b, h, bh, r
               MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
               L4: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr, CAP: tl.constexpr,
               POS_ALIBI: tl.constexpr, POS_REL: tl.constexpr, POS_CAP: tl.constexpr,
-              DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+              DROPOUT: tl.constexpr, DOT: tl.constexpr):
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -181,7 +194,7 @@ def _fwd_tile(acc, m_i, l_i, q, kj, K_head, V_head, skn, svn, scale, b, h, bh, r
     kpos = koff + cols
     k = tl.load(K_head + cols.reshape(BN, 1) * skn + offs_d[None, :],
                 mask=(cols.reshape(BN, 1) < Nk) & (offs_d[None, :] < D), other=0.0)
-    qk = _dot(q, tl.trans(k), IEEE)
+    qk = _dot(q, tl.trans(k), DOT)
     tile_id = 0
     if MASK_MODE == 2 and PARTIAL:
         tile_id = tl.load(tile_row + kj)
@@ -197,7 +210,7 @@ def _fwd_tile(acc, m_i, l_i, q, kj, K_head, V_head, skn, svn, scale, b, h, bh, r
         p = tl.where(_keep(seed, bh, rows, cols, threshold), p * inv_keep, 0.0)
     v = tl.load(V_head + cols.reshape(BN, 1) * svn + offs_dv[None, :],
                 mask=(cols.reshape(BN, 1) < Nk) & (offs_dv[None, :] < Dv), other=0.0)
-    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+    acc = acc * alpha[:, None] + _dot(_operand(p, v, DOT), v, DOT)
     return acc, m_new, l_i
 
 
@@ -212,7 +225,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QOFF, KOFF,
                 MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                 L4: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr, CAP: tl.constexpr,
                 POS_ALIBI: tl.constexpr, POS_REL: tl.constexpr, POS_CAP: tl.constexpr,
-                DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr):
+                DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // Hq
@@ -240,7 +253,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QOFF, KOFF,
                                   Nk, D, Dv, tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE,
                                   table_sh, max_dist, seed, threshold, inv_keep, True, EVEN_N, BM, BN, BD, BDV,
                                   MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL, POS_CAP,
-                                  DROPOUT, IEEE)
+                                  DROPOUT, DOT)
     n_full = tl.load(FKVN + lists)
     for t in range(0, n_full):
         kj = tl.load(FKVI + row_of_lists + t)
@@ -248,7 +261,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QOFF, KOFF,
                                   Nk, D, Dv, tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE,
                                   table_sh, max_dist, seed, threshold, inv_keep, False, EVEN_N, BM, BN, BD, BDV,
                                   MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL, POS_CAP,
-                                  DROPOUT, IEEE)
+                                  DROPOUT, DOT)
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
@@ -273,7 +286,7 @@ def _dq_tile(dq, dslope, dtab, q, do, lse, delta, kj, K_head, V_head, skn, svn, 
              MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
              L4: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr, CAP: tl.constexpr,
              POS_ALIBI: tl.constexpr, POS_REL: tl.constexpr, POS_CAP: tl.constexpr,
-             DROPOUT: tl.constexpr, IEEE: tl.constexpr, SLOPE_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr):
+             DROPOUT: tl.constexpr, DOT: tl.constexpr, SLOPE_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr):
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
@@ -283,7 +296,7 @@ def _dq_tile(dq, dslope, dtab, q, do, lse, delta, kj, K_head, V_head, skn, svn, 
                 mask=(cols.reshape(BN, 1) < Nk) & (offs_d[None, :] < D), other=0.0)
     v = tl.load(V_head + cols.reshape(BN, 1) * svn + offs_dv[None, :],
                 mask=(cols.reshape(BN, 1) < Nk) & (offs_dv[None, :] < Dv), other=0.0)
-    qk = _dot(q, tl.trans(k), IEEE)
+    qk = _dot(q, tl.trans(k), DOT)
     tile_id = 0
     if MASK_MODE == 2 and PARTIAL:
         tile_id = tl.load(tile_row + kj)
@@ -291,7 +304,7 @@ def _dq_tile(dq, dslope, dtab, q, do, lse, delta, kj, K_head, V_head, skn, svn, 
                       SLOPES, cap, TABLE, table_sh, max_dist, PARTIAL, EVEN_N, BM, BN, MASK_MODE,
                       L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL, POS_CAP)
     p = tl.exp(s - lse[:, None])
-    dp = _dot(do, tl.trans(v), IEEE)
+    dp = _dot(do, tl.trans(v), DOT)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, rows, cols, threshold), dp * inv_keep, 0.0)
     ds = p * (dp - delta[:, None])
@@ -317,7 +330,7 @@ def _dq_tile(dq, dslope, dtab, q, do, lse, delta, kj, K_head, V_head, skn, svn, 
             value = tl.sum(tl.sum(tl.where(rel == w, g, 0.0), 1), 0)
             dtab = tl.where(w_index == w, dtab + value, dtab)
     ds = ds * dcap
-    dq += _dot(ds.to(k.dtype), k, IEEE)
+    dq += _dot(_operand(ds, k, DOT), k, DOT)
     return dq, dslope, dtab
 
 
@@ -332,7 +345,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QOFF, KOFF, DSLOPE, DTAB,
                MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                L4: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr, CAP: tl.constexpr,
                POS_ALIBI: tl.constexpr, POS_REL: tl.constexpr, POS_CAP: tl.constexpr,
-               DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr,
+               DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr,
                SLOPE_GRAD: tl.constexpr, TABLE_GRAD: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -366,7 +379,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QOFF, KOFF, DSLOPE, DTAB,
                                     rows, qpos, koff, Nk, D, Dv, tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES,
                                     cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep, True, EVEN_N, BM, BN,
                                     BD, BDV, WP, MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL,
-                                    POS_CAP, DROPOUT, IEEE, SLOPE_GRAD, TABLE_GRAD)
+                                    POS_CAP, DROPOUT, DOT, SLOPE_GRAD, TABLE_GRAD)
     n_full = tl.load(FKVN + lists)
     for t in range(0, n_full):
         kj = tl.load(FKVI + row_of_lists + t)
@@ -374,7 +387,7 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QOFF, KOFF, DSLOPE, DTAB,
                                     rows, qpos, koff, Nk, D, Dv, tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES,
                                     cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep, False, EVEN_N, BM, BN,
                                     BD, BDV, WP, MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL,
-                                    POS_CAP, DROPOUT, IEEE, SLOPE_GRAD, TABLE_GRAD)
+                                    POS_CAP, DROPOUT, DOT, SLOPE_GRAD, TABLE_GRAD)
     tl.store(DQ + b * sdqb + h * sdqh + rows * sdqm + offs_d[None, :], (dq * scale).to(DQ.dtype.element_ty),
              mask=row_ok & (offs_d[None, :] < D))
     if SLOPE_GRAD:
@@ -392,7 +405,7 @@ def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdo
                MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                L4: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr, CAP: tl.constexpr,
                POS_ALIBI: tl.constexpr, POS_REL: tl.constexpr, POS_CAP: tl.constexpr,
-               DROPOUT: tl.constexpr, IEEE: tl.constexpr):
+               DROPOUT: tl.constexpr, DOT: tl.constexpr):
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     rows = qi * BM + tl.arange(0, BM)[:, None]
@@ -403,7 +416,7 @@ def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdo
     lse = tl.load(LSE_head + rows1, mask=rows1 < Nq, other=float("inf"))
     delta = tl.load(DELTA_head + rows1, mask=rows1 < Nq, other=0.0)
     qpos = qoff + rows
-    qk = _dot(q, tl.trans(k), IEEE)
+    qk = _dot(q, tl.trans(k), DOT)
     tile_id = 0
     if MASK_MODE == 2 and PARTIAL:
         tile_id = tl.load(tile_col + qi * nKB)
@@ -411,15 +424,15 @@ def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdo
                       SLOPES, cap, TABLE, table_sh, max_dist, PARTIAL, EVEN_N, BM, BN, MASK_MODE,
                       L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL, POS_CAP)
     p = tl.exp(s - lse[:, None])
-    dp = _dot(do, tl.trans(v), IEEE)
+    dp = _dot(do, tl.trans(v), DOT)
     if DROPOUT:
         keep = _keep(seed, bh, rows, cols, threshold)
-        dv += _dot(tl.trans(tl.where(keep, p * inv_keep, 0.0).to(do.dtype)), do, IEEE)
+        dv += _dot(tl.trans(_operand(tl.where(keep, p * inv_keep, 0.0), do, DOT)), do, DOT)
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
-        dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+        dv += _dot(tl.trans(_operand(p, do, DOT)), do, DOT)
     ds = p * (dp - delta[:, None]) * dcap
-    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    dk += _dot(tl.trans(_operand(ds, q, DOT)), q, DOT)
     return dk, dv
 
 
@@ -435,7 +448,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QOFF, KOFF,
                  MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                  L4: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr, CAP: tl.constexpr,
                  POS_ALIBI: tl.constexpr, POS_REL: tl.constexpr, POS_CAP: tl.constexpr,
-                 DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, IEEE: tl.constexpr):
+                 DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr):
     kj = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hkv
@@ -469,7 +482,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QOFF, KOFF,
                                 cols, kpos, qoff, Nq, Nk, D, Dv, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth,
                                 SLOPES, cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep, True, EVEN_N,
                                 BM, BN, BD, BDV, MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL,
-                                POS_CAP, DROPOUT, IEEE)
+                                POS_CAP, DROPOUT, DOT)
         n_full = tl.load(FQN + lists)
         for t in range(0, n_full):
             qi = tl.load(FQI + row_of_lists + t)
@@ -477,7 +490,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QOFF, KOFF,
                                 cols, kpos, qoff, Nq, Nk, D, Dv, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth,
                                 SLOPES, cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep, False, EVEN_N,
                                 BM, BN, BD, BDV, MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL,
-                                POS_CAP, DROPOUT, IEEE)
+                                POS_CAP, DROPOUT, DOT)
     tl.store(DK + b * sdkb + hk * sdkh + cols.reshape(BN, 1) * sdkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < D))
     tl.store(DV + b * sdvb + hk * sdvh + cols.reshape(BN, 1) * sdvn + offs_dv[None, :],

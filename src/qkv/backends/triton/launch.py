@@ -85,6 +85,7 @@ class Launch:
         self.threshold = int(p.dropout_p * 2**32) if self.dropout else 0
         self.inv_keep = 1.0 / (1.0 - p.dropout_p)
         self._tiles: dict[tuple[int, int], _Tiles] = {}
+        self.dot_mode = 1 if p.dtype == torch.float32 else (2 if configs.interpreting() else 0)
 
     # -- arguments ------------------------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class Launch:
                     BDV=max(16, triton.next_power_of_2(p.v_dim)), MASK_MODE=self.mask.mode,
                     L0=c[0], L1=c[1], L2=c[2], L3=c[3], L4=c[4], ALIBI=s.alibi, REL=s.rel, CAP=s.cap,
                     POS_ALIBI=s.pos_alibi, POS_REL=s.pos_rel, POS_CAP=s.pos_cap, DROPOUT=self.dropout,
-                    EVEN_N=p.nk % cfg.block_n == 0, IEEE=p.dtype == torch.float32,
+                    EVEN_N=p.nk % cfg.block_n == 0, DOT=self.dot_mode,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
     def key(self, direction: str) -> tuple:
