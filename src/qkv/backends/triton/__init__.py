@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...problem import Problem
 from .configs import interpreting
-from .programs import BITS, mask_program, score_program
+from .programs import mask_program, score_program
 
 #: Largest head dim (of q/k and of v) the kernels serve with gradients, and forward only.
 MAX_HEAD_DIM_BACKWARD = 256
@@ -78,10 +78,22 @@ class TritonBackend:
 
         p = problem
         mask = mask_program(p.mask, p.batch, p.nq, p.nk, p.device)
-        launch = Launch(p, mask, score_program(p.score_mod))
+        score = score_program(p.score_mod)
+        from . import decode
+
+        if decode.serves(p, mask):
+            return decode.decode_problem(p, mask, score)
+        launch = Launch(p, mask, score)
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
         mods = p.score_mod.tensors if p.score_mod is not None else ()
         return TritonAttention.apply(launch, q, k, v, *mods)
 
 
-__all__ = ["TritonBackend", "triton_available", "BITS"]
+def paged_attention(*args, **kwargs):
+    """Attention over a paged KV cache read in place (see :func:`.decode.paged_attention`)."""
+    from .decode import paged_attention as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = ["TritonBackend", "triton_available", "paged_attention"]
