@@ -117,7 +117,7 @@ MASKS = {
 
 
 #: Masks whose parameters differ per batch element or head: run them with B = 2 (and 2 heads).
-PER_BATCH = {"key_padding", "document_causal", "prefix_lm", "block_sparse", "from_tensor", "from_function"}
+PER_BATCH = {"key_padding", "composed", "document_causal", "prefix_lm", "block_sparse", "from_tensor", "from_function"}
 
 
 @pytest.mark.parametrize("name", list(MASKS))
