@@ -200,3 +200,30 @@ def test_unsupported_problems_say_why():
     custom = backend.unsupported(make_problem(q, q, q, score_mod=lambda s, b, h, i, j: s * 2))
     assert "custom function" in " ".join(custom)
     assert not backend.unsupported(make_problem(q, q, q, qkv.causal()))
+
+
+def test_hidden_nan_keys_and_values_never_reach_outputs_or_gradients():
+    """docs/attention.md's guarantees: padding keys/values (even NaN) influence nothing."""
+    lengths = [N - 7, 9]
+    q = torch.randn(2, 2, N, 16, device=DEVICE, requires_grad=True)
+    k, v = torch.randn(2, 2, N, 16, device=DEVICE), torch.randn(2, 2, N, 16, device=DEVICE)
+    for b, n in enumerate(lengths):
+        k[b, :, n:], v[b, :, n:] = float("nan"), float("inf")
+    k.requires_grad_(), v.requires_grad_()
+    mask = qkv.key_padding(lengths) & qkv.causal()
+    out, lse = qkv.attention(q, k, v, mask, backend="triton", return_lse=True)
+    dq, dk, dv = torch.autograd.grad((out * torch.randn_like(out)).sum(), (q, k, v))
+    assert torch.isfinite(out).all() and not torch.isnan(lse).any()
+    assert torch.isfinite(dq).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+    for b, n in enumerate(lengths):
+        assert (dk[b, :, n:] == 0).all() and (dv[b, :, n:] == 0).all()
+    ref = qkv.attention(q.detach().double(), k.detach().double(), v.detach().double(), mask, backend="reference")
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
+
+
+def test_nan_at_a_visible_score_makes_the_row_nan():
+    q, k, v = (torch.randn(1, 1, N, 16, device=DEVICE) for _ in range(3))
+    k[0, 0, 3, 0] = float("nan")
+    out, lse = qkv.attention(q, k, v, qkv.causal(), backend="triton", return_lse=True)
+    assert torch.isnan(out[0, 0, 3:]).all() and torch.isnan(lse[0, 0, 3:]).all()
+    assert torch.isfinite(out[0, 0, :3]).all()

@@ -36,7 +36,7 @@ def merge_splits(outs: Tensor, lses: Tensor) -> tuple[Tensor, Tensor]:
     top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
     w = torch.exp(lses - top)
     total = w.sum(-1, keepdim=True)
-    seen = total > 0
+    seen = total != 0  # NaN propagates
     out = (w[..., None] * outs).sum(-2) / torch.where(seen, total, torch.ones_like(total))
     lse = torch.where(seen, top + torch.log(torch.where(seen, total, torch.ones_like(total))),
                       torch.full_like(total, float("-inf")))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .kernels import _dot, _operand, _scores
+from .kernels import _dot, _operand, _scores, _seen_columns
 
 NEG_INF = float("-inf")
 
@@ -76,9 +76,10 @@ def _decode_kernel(Q, K, V, O_PART, LSE_PART, QOFF, KOFF, KLEN, BT, KINDS,
             alpha = tl.exp(m_i - m_use)
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_rows + offs_dv[None, :], mask=(c1 < klen) & (offs_dv[None, :] < Dv), other=0.0)
+            v = tl.where(_seen_columns(s)[:, None], v, 0.0)
             acc = acc * alpha[:, None] + _dot(_operand(p, v, DOT), v, DOT)
             m_i = m_new
-    seen = l_i > 0
+    seen = l_i != 0.0  # NaN (a NaN or inf visible score) propagates
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(seen, tl.where(m_i == NEG_INF, 0.0, m_i) + tl.log(l_safe), NEG_INF)

@@ -75,6 +75,12 @@ def _tanh(x):
 
 
 @triton.jit
+def _seen_columns(s):
+    """(BN,) True where some row of the tile may see the column."""
+    return tl.max((s > NEG_INF).to(tl.int32), 0) > 0
+
+
+@triton.jit
 def _leaf(CODE: tl.constexpr, slot, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos):
     """One mask leaf on a tile: bool, broadcastable to (BM, BN). Codes: see programs.py."""
     base = MASK_INTS + slot * 8
@@ -210,6 +216,8 @@ def _fwd_tile(acc, m_i, l_i, q, kj, K_head, V_head, skn, svn, scale, b, h, bh, r
         p = tl.where(_keep(seed, bh, rows, cols, threshold), p * inv_keep, 0.0)
     v = tl.load(V_head + cols.reshape(BN, 1) * svn + offs_dv[None, :],
                 mask=(cols.reshape(BN, 1) < Nk) & (offs_dv[None, :] < Dv), other=0.0)
+    if PARTIAL:  # hidden keys never reach an output, even NaN/inf values (0 * NaN would)
+        v = tl.where(_seen_columns(s)[:, None], v, 0.0)
     acc = acc * alpha[:, None] + _dot(_operand(p, v, DOT), v, DOT)
     return acc, m_new, l_i
 
@@ -262,7 +270,7 @@ def _fwd_kernel(Q, K, V, O, LSE, QOFF, KOFF,
                                   table_sh, max_dist, seed, threshold, inv_keep, False, EVEN_N, BM, BN, BD, BDV,
                                   MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL, POS_CAP,
                                   DROPOUT, DOT)
-    seen = l_i > 0
+    seen = l_i != 0.0  # NaN (a NaN or inf visible score) propagates
     l_safe = tl.where(seen, l_i, 1.0)
     out = tl.where(seen[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(seen, tl.where(m_i == NEG_INF, 0.0, m_i) + tl.log(l_safe), NEG_INF)
@@ -307,7 +315,9 @@ def _dq_tile(dq, dslope, dtab, q, do, lse, delta, kj, K_head, V_head, skn, svn, 
     dp = _dot(do, tl.trans(v), DOT)
     if DROPOUT:
         dp = tl.where(_keep(seed, bh, rows, cols, threshold), dp * inv_keep, 0.0)
-    ds = p * (dp - delta[:, None])
+    ds = tl.where(s == NEG_INF, 0.0, p * (dp - delta[:, None]))  # hidden: 0 even if dp is NaN
+    if PARTIAL:
+        k = tl.where(_seen_columns(s)[:, None], k, 0.0)
     if SLOPE_GRAD:
         dist = (kpos - qpos).to(tl.float32)
         if ALIBI == 2:
@@ -431,7 +441,7 @@ def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdo
         dp = tl.where(keep, dp * inv_keep, 0.0)
     else:
         dv += _dot(tl.trans(_operand(p, do, DOT)), do, DOT)
-    ds = p * (dp - delta[:, None]) * dcap
+    ds = tl.where(s == NEG_INF, 0.0, p * (dp - delta[:, None]) * dcap)
     dk += _dot(tl.trans(_operand(ds, q, DOT)), q, DOT)
     return dk, dv
 
