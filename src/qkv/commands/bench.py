@@ -25,9 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per problem (best is kept)")
     parser.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles per shape: slow)")
     parser.add_argument("--json", metavar="PATH", help="write the results with device, versions and date")
+    parser.add_argument("--gpu-suite", action="store_true",
+                        help="CUDA only: run the Triton backend's GPU benchmark (benchmarks/gpu_attention.py) "
+                             "with its defaults instead, writing --json (default gpu_attention.json)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gpu_suite:
+        return _gpu_suite(args)
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     env = bench.environment()
     direction = "forward + backward" if args.backward else "forward"
@@ -42,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                                           documents=args.documents, backward=args.backward, repeat=args.repeat,
                                           peers=("flex",) if args.flex else ()))
             print(f"  N={seq:<6} {mask:<9} done", flush=True)
-    columns = [c for c in ("tiled", "sdpa", "reference", "flex", "auto") if any(c in r.times for r in rows)]
+    columns = [c for c in ("tiled", "sdpa", "triton", "reference", "flex", "auto") if any(c in r.times for r in rows)]
     print()
     print(bench.format_table(rows, columns))
     notes = sorted({f"{name}: {why}" for r in rows for name, why in r.notes.items()})
@@ -52,3 +57,17 @@ def run(args: argparse.Namespace) -> int:
         bench.save(rows, args.json, settings)
         print(f"\nwrote {args.json}")
     return 0
+
+
+def _gpu_suite(args: argparse.Namespace) -> int:
+    import sys
+
+    if not torch.cuda.is_available():
+        print("qkv bench: --gpu-suite needs a CUDA device", file=sys.stderr)
+        return 2
+    from qkv.backends.triton import benchmark
+
+    suite = argparse.ArgumentParser()
+    benchmark.add_arguments(suite)
+    options = suite.parse_args([] if args.json is None else ["--out", args.json])
+    return benchmark.main(options)

@@ -25,8 +25,9 @@ MAX_HEAD_DIM_BACKWARD = 256
 MAX_HEAD_DIM_FORWARD = 512
 
 #: Guessed CUDA rates (seconds per visited score, fixed + per unit of D + Dv; per partial score;
-#: per launch), set a little above SDPA's so that dense problems stay on SDPA until measured.
+#: per launch), set a little above SDPA's so that dense problems and decode stay on SDPA until measured.
 _SCORE, _SCORE_PER_DIM, _PARTIAL_SCORE, _LAUNCH, _BACKWARD = 2.4e-13, 2.4e-15, 1.0e-13, 8e-6, 2.5
+_BYTES_PER_SECOND = 2.5e12  # reading K and V once (decode is bandwidth-bound)
 
 
 def triton_available() -> bool:
@@ -67,10 +68,12 @@ class TritonBackend:
             return 1e9  # the interpreter: forcible for tests, never chosen
         block_q, block_k = 128, 64
         kinds = p.block_kinds(block_q, block_k)
-        tile = block_q * block_k * p.batch * p.q_heads
+        tile = min(block_q, p.nq) * min(block_k, p.nk) * p.batch * p.q_heads
         visited = int((kinds > 0).sum()) * tile
         partial = int((kinds == 1).sum()) * tile
-        t = visited * (_SCORE + _SCORE_PER_DIM * (p.head_dim + p.v_dim)) + partial * _PARTIAL_SCORE + _LAUNCH
+        kv_bytes = p.batch * p.kv_heads * p.nk * (p.head_dim + p.v_dim) * p.k.element_size()
+        t = (visited * (_SCORE + _SCORE_PER_DIM * (p.head_dim + p.v_dim)) + partial * _PARTIAL_SCORE + _LAUNCH
+             + kv_bytes / _BYTES_PER_SECOND)
         return t * (1 + _BACKWARD) if p.requires_grad else t
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
