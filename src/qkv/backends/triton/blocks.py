@@ -22,6 +22,19 @@ from ...masks import FULL, PARTIAL, TileGrid
 from ...problem import Problem
 
 
+def positions(problem: Problem) -> tuple[Tensor, Tensor]:
+    """``(B,)`` int32 positions of query row 0 and key column 0 per batch element.
+
+    Today's rule is bottom-right (``Nk - Nq`` and 0); once ``core`` lands ``problem.q_offset`` /
+    ``problem.k_offset`` they are read from the problem."""
+    p, dev = problem, problem.device
+    q_off, k_off = getattr(p, "q_offset", None), getattr(p, "k_offset", None)
+    q_off = p.nk - p.nq if q_off is None else q_off
+    k_off = 0 if k_off is None else k_off
+    return tuple(torch.as_tensor(x, device=dev).to(torch.int32).expand(p.batch).contiguous()
+                 for x in (q_off, k_off))
+
+
 def tile_kinds(problem: Problem, block_q: int, block_k: int) -> Tensor:
     """``(B|1, H|1, nQB, nKB)`` int8 tile kinds of ``problem``'s mask on its device.
 
@@ -88,7 +101,7 @@ def pack_partial_tiles(problem: Problem, kinds: Tensor, block_q: int, block_k: i
     count = where.shape[0]
     tile_map[partial] = torch.arange(count, dtype=torch.int32, device=dev)
     bits = torch.zeros(max(count, 1), block_q, block_k // 8, dtype=torch.uint8, device=dev)
-    offset = problem.nk - problem.nq  # position of query row 0 (today's bottom-right rule)
+    q_off, k_off = (x.to(torch.int64) for x in positions(problem))
     r = torch.arange(block_q, device=dev).view(1, -1, 1)
     c = torch.arange(block_k, device=dev).view(1, 1, -1)
     weights = (1 << torch.arange(8, device=dev, dtype=torch.int32)).view(1, 1, 1, 8)
@@ -99,7 +112,9 @@ def pack_partial_tiles(problem: Problem, kinds: Tensor, block_q: int, block_k: i
         rows = w[:, 2].view(-1, 1, 1) * block_q + r
         cols = w[:, 3].view(-1, 1, 1) * block_k + c
         inside = (rows < problem.nq) & (cols < problem.nk)
-        allowed = problem.mask.allowed(b, h, rows.clamp(max=problem.nq - 1) + offset, cols.clamp(max=problem.nk - 1))
+        q_pos = rows.clamp(max=problem.nq - 1) + q_off[w[:, 0]].view(-1, 1, 1)
+        k_pos = cols.clamp(max=problem.nk - 1) + k_off[w[:, 0]].view(-1, 1, 1)
+        allowed = problem.mask.allowed(b, h, q_pos, k_pos)
         allowed = torch.broadcast_to(allowed, inside.shape) & inside
         packed = (allowed.view(*allowed.shape[:2], block_k // 8, 8).to(torch.int32) * weights).sum(-1)
         bits[s:s + chunk] = packed.to(torch.uint8)

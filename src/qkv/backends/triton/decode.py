@@ -20,7 +20,7 @@ from ...problem import Problem, make_problem
 from . import configs
 from .blocks import tile_kinds
 from .decode_kernels import _decode_kernel
-from .launch import positions
+from .blocks import positions
 from .programs import BITS, mask_program, score_program
 
 configs.patch_interpreter()

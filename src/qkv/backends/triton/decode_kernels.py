@@ -22,7 +22,7 @@ NEG_INF = float("-inf")
 def _decode_kernel(Q, K, V, O_PART, LSE_PART, QOFF, KOFF, KLEN, BT, KINDS,
                    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sbt, skind, page_size,
                    MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE, table_sh, max_dist,
-                   Hq, Hkv, G, Nq, D, Dv, scale, tiles_per_split, num_splits,
+                   Hq, Hkv, G, Nq, D: tl.constexpr, Dv: tl.constexpr, scale, tiles_per_split, num_splits,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
                    PAGED: tl.constexpr, USE_KINDS: tl.constexpr,
                    MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,

@@ -15,23 +15,10 @@ from torch.autograd.function import once_differentiable
 
 from ...problem import Problem
 from . import configs, kernels
-from .blocks import TileLists, expanded_strides, kv_lists, pack_partial_tiles, tile_kinds
+from .blocks import TileLists, expanded_strides, kv_lists, pack_partial_tiles, positions, tile_kinds
 from .programs import BITS, MaskProgram, ScoreProgram
 
 configs.patch_interpreter()
-
-
-def positions(problem: Problem) -> tuple[Tensor, Tensor]:
-    """``(B,)`` int32 positions of query row 0 and key column 0 per batch element.
-
-    Today's rule is bottom-right (``Nk - Nq`` and 0); once ``core`` lands ``problem.q_offset`` /
-    ``problem.k_offset`` they are read from the problem."""
-    p, dev = problem, problem.device
-    q_off, k_off = getattr(p, "q_offset", None), getattr(p, "k_offset", None)
-    q_off = p.nk - p.nq if q_off is None else q_off
-    k_off = 0 if k_off is None else k_off
-    return tuple(torch.as_tensor(x, device=dev).to(torch.int32).expand(p.batch).contiguous()
-                 for x in (q_off, k_off))
 
 
 class _Tiles:
