@@ -15,7 +15,8 @@ import torch
 from torch import Tensor
 
 from . import dropout as _dropout
-from .masks import Mask, TileGrid, from_tensor, merge_over_batch_and_heads
+from .masks import Mask, TileGrid, bind_mask, from_tensor, merge_over_batch_and_heads
+from .positions import Offset, Positions
 from .scores import ScoreMod, as_score_mod
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -27,7 +28,8 @@ class Problem:
 
     Shapes: ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``, ``Hq % Hkv == 0``.
     ``mask`` is a bound :class:`~qkv.masks.Mask` or None; ``bias`` an additive float tensor
-    broadcastable to ``(B, Hq, Nq, Nk)`` or None.
+    broadcastable to ``(B, Hq, Nq, Nk)`` or None. ``positions`` (:class:`~qkv.positions.Positions`)
+    place query rows and key columns; ``q_offset`` / ``k_offset`` are its offsets.
     """
 
     q: Tensor
@@ -40,7 +42,22 @@ class Problem:
     dropout_p: float = 0.0
     seed: int | None = None
     return_lse: bool = False
+    positions: Positions | None = None
     _block_kinds: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.positions is None:
+            self.positions = Positions.default(self.nq, self.nk)
+
+    @property
+    def q_offset(self) -> Offset:
+        """Position of query row 0: an int, or ``(B,)`` int64 on :attr:`index_device`."""
+        return self.positions.q_offset
+
+    @property
+    def k_offset(self) -> Offset:
+        """Position of key column 0: an int, or ``(B,)`` int64 on :attr:`index_device`."""
+        return self.positions.k_offset
 
     @property
     def batch(self) -> int:
@@ -104,7 +121,7 @@ class Problem:
         mask). Cached per tile size, so the dispatcher's estimate and the backend share it."""
         key = (block_q, block_k)
         if key not in self._block_kinds:
-            grid = TileGrid(self.nq, self.nk, block_q, block_k, self.index_device)
+            grid = TileGrid(self.nq, self.nk, block_q, block_k, self.index_device, self.positions)
             if self.mask is None:
                 kinds = torch.full((grid.num_q_blocks, grid.num_k_blocks), 2, dtype=torch.int8)
             else:
@@ -172,7 +189,7 @@ def _split_mask(mask, q: Tensor, nk: int) -> tuple[Mask | None, Tensor | None]:
 
 
 def make_problem(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,
-                 return_lse=False) -> Problem:
+                 return_lse=False, q_offset=None, k_offset=0) -> Problem:
     """Validate the arguments of :func:`qkv.attention` and bundle them into a :class:`Problem`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
@@ -187,12 +204,13 @@ def make_problem(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     batch, heads, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     index_device = torch.device("cpu") if q.device.type == "meta" else q.device
+    positions = Positions.make(batch, nq, nk, q_offset, k_offset, index_device)
     bool_mask, bias = _split_mask(mask, q, nk)
     if bool_mask is not None:
-        bool_mask = bool_mask.bind(batch, heads, nq, nk, index_device)
+        bool_mask = bind_mask(bool_mask, batch, heads, nq, nk, index_device, positions)
     score_mod = as_score_mod(score_mod)
     if score_mod is not None:
         score_mod = score_mod.bind(batch, heads, nq, nk, q.device)
     seed = _dropout.draw_seed(generator, q.device) if dropout_p > 0 else None
     return Problem(q, k, v, mask=bool_mask, bias=bias, scale=float(scale), score_mod=score_mod,
-                   dropout_p=float(dropout_p), seed=seed, return_lse=bool(return_lse))
+                   dropout_p=float(dropout_p), seed=seed, return_lse=bool(return_lse), positions=positions)

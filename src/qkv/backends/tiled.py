@@ -105,7 +105,7 @@ class _Tiling:
         rows = torch.arange(r0, r1, device=dev).repeat(G).view(1, 1, -1, 1)
         g = torch.arange(G, device=dev).repeat_interleave(r1 - r0).view(1, 1, -1, 1)
         h = torch.arange(self.Hkv, device=dev).view(1, -1, 1, 1) * G + g
-        return h, rows + (p.nk - p.nq), rows
+        return h, p.positions.queries(rows), rows
 
     def bias_tile(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         """The bias for stacked rows ``r0:r1`` and keys ``c0:c1``, broadcastable to the scores."""
@@ -136,7 +136,7 @@ class _Tiling:
         hide = None
         if partial:
             h, qpos, _ = self.query_index(r0, r1)
-            kpos = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
+            kpos = p.positions.keys(torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1))
             hide = ~p.mask.allowed(self.b_idx, h, qpos, kpos)
         if self.bias5 is not None:
             minus_inf = self.bias_tile(r0, r1, c0, c1) == NEG_INF
@@ -157,7 +157,7 @@ class _Tiling:
         if p.score_mod is None and self.bias5 is None and hide is None:
             return s
         h, qpos, _ = self.query_index(r0, r1)
-        kpos = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
+        kpos = p.positions.keys(torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1))
         if p.score_mod is not None:
             tensors = p.score_mod.tensors if mod_tensors is None else mod_tensors
             s = p.score_mod.apply(tensors, s, self.b_idx, h, qpos, kpos)
