@@ -42,7 +42,7 @@ def tile_kinds(problem: Problem, block_q: int, block_k: int) -> Tensor:
     the mask for its block view per batch element and head (what ``problem.block_kinds`` merges)."""
     if hasattr(problem, "layout"):
         return _as_4d(problem.layout(block_q, block_k).kinds.to(problem.index_device))
-    grid = TileGrid(problem.nq, problem.nk, block_q, block_k, problem.index_device)
+    grid = TileGrid(problem.nq, problem.nk, block_q, block_k, problem.index_device, getattr(problem, "positions", None))
     if problem.mask is None:
         return torch.full((1, 1, grid.num_q_blocks, grid.num_k_blocks), FULL, dtype=torch.int8,
                           device=problem.index_device)

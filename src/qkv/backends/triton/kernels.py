@@ -100,18 +100,18 @@ def _leaf(CODE: tl.constexpr, slot, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos
         q_stride = tl.load(base + 3)
         by_row = tl.load(base + 4)
         q_len = tl.load(base + 5)
-        nk = tl.load(base + 6)
+        k_len = tl.load(base + 6)
         qi = tl.where(by_row != 0, rows, qpos)
         q_ok = (qi >= 0) & (qi < q_len)
-        k_ok = (kpos >= 0) & (kpos < nk)
+        k_ok = (kpos >= 0) & (kpos < k_len)
         qid = tl.load(MASK_DATA + q_off + b * q_stride + tl.where(q_ok, qi, 0), mask=q_ok, other=-1)
         kid = tl.load(MASK_DATA + k_off + b * k_stride + tl.where(k_ok, kpos, 0), mask=k_ok, other=-2)
         r = qid == kid
-    elif CODE == 5:  # global tokens: flag[q] | flag[k], flag table of nk + 1 entries
+    elif CODE == 5:  # global tokens: flag[q] | flag[k], flags for positions 0..span-1, then a 0
         off = tl.load(base)
-        nk = tl.load(base + 1)
-        qi = tl.where((qpos >= 0) & (qpos < nk), qpos, nk)
-        ki = tl.where((kpos >= 0) & (kpos < nk), kpos, nk)
+        span = tl.load(base + 1)
+        qi = tl.where((qpos >= 0) & (qpos < span), qpos, span)
+        ki = tl.where((kpos >= 0) & (kpos < span), kpos, span)
         r = (tl.load(MASK_DATA + off + qi) | tl.load(MASK_DATA + off + ki)) != 0
     else:  # CODE == 6: block-sparse layout[b, h, q // bs, k // bs], rows before position 0 see nothing
         off = tl.load(base)

@@ -115,21 +115,26 @@ def _compile(mask: M.Mask, bld: _Builder, batch: int, nq: int, nk: int):
         i = bld.leaf(CAUSAL, [], key="causal")
         return lambda x: prefix(x) or x[i]
     if kind is M.Document:
-        k_ids = mask.segment_ids
+        k_ids = mask.segment_ids  # (B|1, L), indexed by position
+        length = k_ids.shape[1]
         k_off = bld.table(k_ids)
-        k_stride = nk if k_ids.shape[0] > 1 else 0
+        k_stride = length if k_ids.shape[0] > 1 else 0
         if mask.q_segment_ids is None:
-            q_off, q_stride, by_row, q_len = k_off, k_stride, 0, nk
-        else:
+            q_off, q_stride, by_row, q_len = k_off, k_stride, 0, length
+        else:  # indexed by query row
             q_ids = mask.q_segment_ids
             q_off, q_stride, by_row, q_len = bld.table(q_ids), (nq if q_ids.shape[0] > 1 else 0), 1, nq
-        i = bld.leaf(DOCUMENT, [k_off, k_stride, q_off, q_stride, by_row, q_len, nk])
+        i = bld.leaf(DOCUMENT, [k_off, k_stride, q_off, q_stride, by_row, q_len, length])
         if mask.causal:
             j = bld.leaf(CAUSAL, [], key="causal")
             return lambda x: x[i] and x[j]
         return lambda x: x[i]
     if kind is M.GlobalTokens:
-        i = bld.leaf(GLOBAL, [bld.table(mask._is_global), mask._nk])
+        indices = mask.indices
+        span = int(indices.max()) + 1 if indices.numel() else 0
+        flags = torch.zeros(span + 1, dtype=torch.int32, device=indices.device)  # last: "no position"
+        flags[indices] = 1
+        i = bld.leaf(GLOBAL, [bld.table(flags), span])
         return lambda x: x[i]
     if kind is M.BlockSparse:
         layout = mask.layout
