@@ -46,6 +46,9 @@ def summarize(p: Problem) -> str:
     parts = [f"B={p.batch} {heads} Nq={p.nq} Nk={p.nk} D={p.head_dim}"
              + (f" Dv={p.v_dim}" if p.v_dim != p.head_dim else ""), str(p.dtype).replace("torch.", ""),
              p.device.type]
+    if not p.positions.is_default:
+        show = (lambda o: o.tolist() if hasattr(o, "tolist") else o)
+        parts.append(f"q_offset={show(p.q_offset)} k_offset={show(p.k_offset)}")
     if p.mask is not None:
         parts.append(f"mask={p.mask!r}")
     if p.bias is not None:
@@ -78,12 +81,12 @@ def choose(problem: Problem, backend: str | None = None) -> Dispatch:
 
 
 def explain_dispatch(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,
-                     return_lse=False, backend=None) -> Dispatch:
+                     return_lse=False, backend=None, q_offset=None, k_offset=0) -> Dispatch:
     """Which backend :func:`qkv.attention` would run for these arguments, and why.
 
     Takes the same arguments as :func:`qkv.attention` (``meta`` tensors work: nothing is computed).
     ``print()`` the result for a table of estimates and reasons.
     """
     problem = make_problem(q, k, v, mask, scale=scale, score_mod=score_mod, dropout_p=dropout_p,
-                           generator=generator, return_lse=return_lse)
+                           generator=generator, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset)
     return choose(problem, backend)
