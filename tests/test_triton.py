@@ -227,3 +227,24 @@ def test_nan_at_a_visible_score_makes_the_row_nan():
     out, lse = qkv.attention(q, k, v, qkv.causal(), backend="triton", return_lse=True)
     assert torch.isnan(out[0, 0, 3:]).all() and torch.isnan(lse[0, 0, 3:]).all()
     assert torch.isfinite(out[0, 0, :3]).all()
+
+
+@pytest.mark.parametrize("mask", ["window", "function"])
+def test_explicit_positions_per_batch_element(mask):
+    """q_offset / k_offset per batch element (a key chunk of a longer sequence, ragged rows)."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, N, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    m = qkv.sliding_window(9) & qkv.causal() if mask == "window" else \
+        qkv.from_function(lambda b, h, i, j: (j <= i) & ((i - j) % 3 != 1), "every_third")
+    slopes = scores.alibi_slopes(2).to(DEVICE)
+    kw = dict(q_offset=torch.tensor([7, N + 5], device=DEVICE), k_offset=torch.tensor([0, 20], device=DEVICE),
+              score_mod=scores.alibi(slopes))
+    results = []
+    for backend, dt in (("triton", torch.float32), ("reference", torch.float64)):
+        args = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out, lse = qkv.attention(*args, m, backend=backend, return_lse=True, **kw)
+        grads = torch.autograd.grad((out * torch.cos(torch.arange(out.numel(), device=DEVICE).view(out.shape))
+                                     .to(dt)).sum(), args)
+        results.append((out, lse, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=3e-6)
