@@ -7,6 +7,7 @@ interpreter must be switched on before Python starts). Elsewhere every test skip
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -116,13 +117,14 @@ MASKS = {
 }
 
 
-#: Masks whose parameters differ per batch element or head: run them with B = 2 (and 2 heads).
+#: Masks whose parameters differ per batch element (per head): run them with B = 2 (2 heads).
+PER_HEAD = {"block_sparse", "from_function"}
 PER_BATCH = {"key_padding", "composed", "document_causal", "prefix_lm", "block_sparse", "from_tensor", "from_function"}
 
 
 @pytest.mark.parametrize("name", list(MASKS))
 def test_masks_forward_and_backward(name):
-    check(B=2 if name in PER_BATCH else 1, Hq=2, mask=MASKS[name](N))
+    check(B=2 if name in PER_BATCH else 1, Hq=2 if name in PER_HEAD else 1, mask=MASKS[name](N))
 
 
 def test_gqa_rectangular_dv_and_grads_of_lse():
@@ -199,6 +201,8 @@ def test_unsupported_problems_say_why():
     assert "bias" in " ".join(backend.unsupported(make_problem(q, q, q, torch.zeros(8, 8, device=DEVICE))))
     custom = backend.unsupported(make_problem(q, q, q, score_mod=lambda s, b, h, i, j: s * 2))
     assert "custom function" in " ".join(custom)
+    partial = backend.unsupported(make_problem(q, q, q, score_mod=functools.partial(lambda s, b, h, i, j, c: s * c, c=2)))
+    assert "custom function" in " ".join(partial)
     assert not backend.unsupported(make_problem(q, q, q, qkv.causal()))
 
 
