@@ -171,5 +171,12 @@ def test_cli_train_then_generate(tmp_path, capsys):
     # --resume keeps the checkpoint's settings; only --steps may grow.
     assert cli(["train", "--text", str(text_file), "--out", str(out), "--resume", "--steps", "4", "--no-progress"]) == 0
     assert "done: step 4" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="cannot resume: batch_size"):
-        cli(["train", "--text", str(text_file), "--out", str(out), "--resume", "--batch-size", "8"])
+    assert cli(["train", "--text", str(text_file), "--out", str(out), "--resume", "--batch-size", "8"]) == 2
+    assert "qkv train: error: cannot resume: batch_size" in capsys.readouterr().err
+    # A finished run is not overwritten by accident: --overwrite replaces it.
+    fresh = ["train", "--text", str(text_file), "--out", str(out), "--steps", "2", "--batch-size", "4", "--context",
+             "32", "--eval-every", "2", "--dim", "32", "--layers", "1", "--no-progress"]
+    assert cli(fresh) == 2
+    assert "already holds files; pass --resume to continue its run or --overwrite" in capsys.readouterr().err
+    assert cli([*fresh, "--overwrite"]) == 0
+    assert "done: step 2" in capsys.readouterr().out

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .layout import TileKind
+from .layout import TileKind, merge_kinds
 from .positions import Positions
 from .validate import positive_int
 
@@ -142,10 +142,8 @@ def _as_4d(kinds: Tensor) -> Tensor:
 
 def merge_over_batch_and_heads(kinds: Tensor) -> Tensor:
     """Reduce ``(B|1, H|1, nQB, nKB)`` tile kinds to ``(nQB, nKB)``: a tile is empty (full) only if
-    it is empty (full) for every batch element and head."""
-    flat = kinds.reshape(-1, *kinds.shape[-2:])
-    lo, hi = flat.amin(0), flat.amax(0)
-    return tile_kinds(hi == EMPTY, lo == FULL)
+    it is empty (full) for every batch element and head (:func:`qkv.layout.merge_kinds`)."""
+    return merge_kinds(kinds)
 
 
 def count_tiles(allowed: Tensor, block_q: int, block_k: int) -> Tensor:

@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from qkv import bench
+from qkv.commands import bench_scaling
 
 from .usage import UsageError, positive
 
@@ -47,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time compiled FlexAttention (compiles once per shape: slow; default: off)")
     timing.add_argument("--json", metavar="PATH", help="write every run's time with device, versions and date "
                                                        "(default: none)")
+    bench_scaling.add_arguments(parser)
     timing.add_argument("--gpu-suite", action="store_true",
                         help="CUDA only: run the triton backend's GPU benchmark (benchmarks/gpu_attention.py) "
                              "with its defaults instead, writing --json (default: gpu_attention.json)")
@@ -67,6 +69,8 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scaling:
+        return bench_scaling.run(args)
     if args.gpu_suite:
         return _gpu_suite(args)
     check_options(args)

@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     progress.stage("running the encoder")
     with torch.no_grad():
         output = model(ids, output_attentions=True)
-    weights = torch.stack([a[0] for a in output.attentions])[layers][:, heads]  # (L, H, N, N)
+    weights = torch.stack([a[0] for a in output.attentions])  # (layers, heads, N, N), all of them
+    del output
+    chosen = weights[layers][:, heads]  # the --layer / --head selection, for the tables
     progress.stage("writing the table")
     width = shutil.get_terminal_size((100, 24)).columns
     lines = [f"{len(tokens)} tokens: {_shorten(' '.join(tokens), max(width * 3 - 12, 40))}"]
@@ -89,12 +91,13 @@ def run(args: argparse.Namespace) -> int:
         from .explain_table import full_table, summary_table
 
         if args.table == "summary":
-            lines += ["", f"what each head does, {len(layers)} layer(s) x {len(heads)} head(s) "
-                          "(--table full lists every token's most-attended keys):",
-                      summary_table(weights, tokens, layers, heads, width)]
+            lines += ["", _shorten(f"what each of {len(layers)} x {len(heads)} heads does (--table full: every "
+                                   "token's most-attended keys):", width),
+                      summary_table(chosen, tokens, layers, heads, width)]
         else:
-            lines += ["", full_table(weights, tokens, layers, heads, width)]
+            lines += ["", full_table(chosen, tokens, layers, heads, width)]
     progress.write("\n".join(lines))
+    del chosen
 
     title = _title(args, text, len(tokens))
     progress.stage("drawing the PNG")

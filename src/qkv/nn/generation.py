@@ -94,5 +94,5 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         produced.append(token)
         if step == max_new_tokens - 1 or (eos_ids is not None and bool(finished.all())):
             break
-        last = model(token[:, None], cache, **extra)[:, -1]
+        last = model(token[:, None], cache, check_ids=False, **extra)[:, -1]  # sampled ids are valid
     return torch.stack(produced, dim=1)
