@@ -165,7 +165,8 @@ def test_cli_train_then_generate(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(["train", "--text", str(text_file), "--out", str(out), "--steps", "3", "--batch-size", "4",
                 "--context", "32", "--eval-every", "3", "--dim", "32", "--layers", "1", "--no-progress"]) == 0
-    assert "validation loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "validation loss" in printed and "the unigram baseline of" in printed and "better" not in printed
     assert cli(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "8",
                 "--temperature", "0"]) == 0
     printed = capsys.readouterr().out

@@ -7,6 +7,7 @@ interpreter must be switched on before Python starts). Elsewhere every test skip
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -116,13 +117,14 @@ MASKS = {
 }
 
 
-#: Masks whose parameters differ per batch element or head: run them with B = 2 (and 2 heads).
+#: Masks whose parameters differ per batch element (per head): run them with B = 2 (2 heads).
+PER_HEAD = {"block_sparse", "from_function"}
 PER_BATCH = {"key_padding", "composed", "document_causal", "prefix_lm", "block_sparse", "from_tensor", "from_function"}
 
 
 @pytest.mark.parametrize("name", list(MASKS))
 def test_masks_forward_and_backward(name):
-    check(B=2 if name in PER_BATCH else 1, Hq=2, mask=MASKS[name](N))
+    check(B=2 if name in PER_BATCH else 1, Hq=2 if name in PER_HEAD else 1, mask=MASKS[name](N))
 
 
 def test_gqa_rectangular_dv_and_grads_of_lse():
@@ -199,9 +201,12 @@ def test_unsupported_problems_say_why():
     assert "bias" in " ".join(backend.unsupported(make_problem(q, q, q, torch.zeros(8, 8, device=DEVICE))))
     custom = backend.unsupported(make_problem(q, q, q, score_mod=lambda s, b, h, i, j: s * 2))
     assert "custom function" in " ".join(custom)
+    partial = backend.unsupported(make_problem(q, q, q, score_mod=functools.partial(lambda s, b, h, i, j, c: s * c, c=2)))
+    assert "custom function" in " ".join(partial)
     assert not backend.unsupported(make_problem(q, q, q, qkv.causal()))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy matmul over NaN keys
 def test_hidden_nan_keys_and_values_never_reach_outputs_or_gradients():
     """docs/attention.md's guarantees: padding keys/values (even NaN) influence nothing."""
     lengths = [N - 7, 9]
@@ -221,9 +226,31 @@ def test_hidden_nan_keys_and_values_never_reach_outputs_or_gradients():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")
 def test_nan_at_a_visible_score_makes_the_row_nan():
     q, k, v = (torch.randn(1, 1, N, 16, device=DEVICE) for _ in range(3))
     k[0, 0, 3, 0] = float("nan")
     out, lse = qkv.attention(q, k, v, qkv.causal(), backend="triton", return_lse=True)
     assert torch.isnan(out[0, 0, 3:]).all() and torch.isnan(lse[0, 0, 3:]).all()
     assert torch.isfinite(out[0, 0, :3]).all()
+
+
+@pytest.mark.parametrize("mask", ["window", "function"])
+def test_explicit_positions_per_batch_element(mask):
+    """q_offset / k_offset per batch element (a key chunk of a longer sequence, ragged rows)."""
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(2, 2, N, 16, generator=g).to(DEVICE).requires_grad_() for _ in range(3))
+    m = qkv.sliding_window(9) & qkv.causal() if mask == "window" else \
+        qkv.from_function(lambda b, h, i, j: (j <= i) & ((i - j) % 3 != 1), "every_third")
+    slopes = scores.alibi_slopes(2).to(DEVICE)
+    kw = dict(q_offset=torch.tensor([7, N + 5], device=DEVICE), k_offset=torch.tensor([0, 20], device=DEVICE),
+              score_mod=scores.alibi(slopes))
+    results = []
+    for backend, dt in (("triton", torch.float32), ("reference", torch.float64)):
+        args = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out, lse = qkv.attention(*args, m, backend=backend, return_lse=True, **kw)
+        grads = torch.autograd.grad((out * torch.cos(torch.arange(out.numel(), device=DEVICE).view(out.shape))
+                                     .to(dt)).sum(), args)
+        results.append((out, lse, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=3e-6)

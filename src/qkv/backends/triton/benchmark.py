@@ -237,6 +237,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-training", action="store_true")
     parser.add_argument("--skip-decode", action="store_true")
     parser.add_argument("--budget-s", type=float, default=480, help="stop starting new problems after this")
+    parser.add_argument("--autotune", action="store_true", help="time every tile configuration on first use "
+                        "(adds minutes of compilation on a fresh machine); default: each list's first")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on CPU under TRITON_INTERPRET=1 "
                         "(checks the script, times nothing meaningful)")
     parser.add_argument("--out", default=os.path.join(os.environ.get("OUT", "."), "gpu_attention.json"))
@@ -253,6 +255,8 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("gpu_attention: needs a CUDA device")
     else:
         device = torch.device("cuda")
+    if not args.autotune:
+        os.environ["QKV_TRITON_AUTOTUNE"] = "0"
     start = time.time()
     deadline = start + args.budget_s
 

@@ -1,11 +1,12 @@
 """The tile lists the kernels walk, in FlexAttention's format, and bit-packed partial tiles.
 
 For a ``(block_q x block_k)`` tiling and tile kinds ``(B|1, H|1, nQB, nKB)`` (EMPTY/PARTIAL/FULL
-per batch element and head), :func:`kv_lists` gives, per query tile, the key tiles to visit:
+per batch element and head, from the problem's block layout), the kernels walk, per query tile,
+the key tiles to visit (:func:`query_lists`, the layout's ``kv_blocks()``):
 ``kv_num_blocks (B|1, H|1, nQB)`` int32 and ``kv_indices (B|1, H|1, nQB, nKB)`` int32 for the
 PARTIAL tiles (ascending, then padding), and ``full_kv_num_blocks`` / ``full_kv_indices`` for the
-FULL ones: exactly the arguments of FlexAttention's ``BlockMask.from_kv_blocks``. The same applied
-to the transposed kinds gives, per key tile, the query tiles (the dk/dv kernel's walk).
+FULL ones: exactly the arguments of FlexAttention's ``BlockMask.from_kv_blocks``. :func:`kv_lists`
+on the transposed kinds gives, per key tile, the query tiles (the dk/dv kernel's walk).
 
 A mask the kernels cannot evaluate is copied bit-packed, partial tiles only
 (:func:`pack_partial_tiles`): memory grows with the partial tiles, not with ``Nq * Nk``.
@@ -18,41 +19,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...masks import FULL, PARTIAL, TileGrid
+from ...masks import FULL, PARTIAL
 from ...problem import Problem
 
 
 def positions(problem: Problem) -> tuple[Tensor, Tensor]:
-    """``(B,)`` int32 positions of query row 0 and key column 0 per batch element.
-
-    Today's rule is bottom-right (``Nk - Nq`` and 0); once ``core`` lands ``problem.q_offset`` /
-    ``problem.k_offset`` they are read from the problem."""
-    p, dev = problem, problem.device
-    q_off, k_off = getattr(p, "q_offset", None), getattr(p, "k_offset", None)
-    q_off = p.nk - p.nq if q_off is None else q_off
-    k_off = 0 if k_off is None else k_off
-    return tuple(torch.as_tensor(x, device=dev).to(torch.int32).expand(p.batch).contiguous()
-                 for x in (q_off, k_off))
+    """``(B,)`` int32 positions of query row 0 and key column 0 per batch element (the problem's
+    ``q_offset`` / ``k_offset``: key column ``j`` of batch ``b`` is at ``k_offset[b] + j``)."""
+    p = problem
+    return tuple(torch.as_tensor(x, device=p.device).to(torch.int32).expand(p.batch).contiguous()
+                 for x in (p.q_offset, p.k_offset))
 
 
 def tile_kinds(problem: Problem, block_q: int, block_k: int) -> Tensor:
-    """``(B|1, H|1, nQB, nKB)`` int8 tile kinds of ``problem``'s mask on its device.
-
-    Once ``core`` lands ``problem.layout(bq, bk)`` this reads ``layout.kinds``; until then it asks
-    the mask for its block view per batch element and head (what ``problem.block_kinds`` merges)."""
-    if hasattr(problem, "layout"):
-        return _as_4d(problem.layout(block_q, block_k).kinds.to(problem.index_device))
-    grid = TileGrid(problem.nq, problem.nk, block_q, block_k, problem.index_device, getattr(problem, "positions", None))
-    if problem.mask is None:
-        return torch.full((1, 1, grid.num_q_blocks, grid.num_k_blocks), FULL, dtype=torch.int8,
-                          device=problem.index_device)
-    return _as_4d(problem.mask.block_kinds(grid, problem.batch, problem.q_heads)).to(torch.int8)
-
-
-def _as_4d(kinds: Tensor) -> Tensor:
-    while kinds.dim() < 4:
-        kinds = kinds.unsqueeze(0)
-    return kinds
+    """``(B|1, H|1, nQB, nKB)`` int8 tile kinds of ``problem``'s mask on its device (core's
+    :class:`~qkv.layout.BlockLayout`, cached on the user's mask across calls)."""
+    return problem.layout(block_q, block_k).kinds.to(problem.index_device)
 
 
 @dataclass
@@ -78,6 +60,13 @@ def kv_lists(kinds: Tensor) -> TileLists:
     n, idx = _list_of(kinds == PARTIAL)
     fn, fidx = _list_of(kinds == FULL)
     return TileLists(n, idx, fn, fidx)
+
+
+def query_lists(problem: Problem, block_q: int, block_k: int) -> TileLists:
+    """The key tiles per query tile: the layout's ``kv_blocks()`` (FlexAttention's format)."""
+    kv = problem.layout(block_q, block_k).kv_blocks()
+    return TileLists(*(t.to(problem.index_device).contiguous() for t in (
+        kv.kv_num_blocks, kv.kv_indices, kv.full_kv_num_blocks, kv.full_kv_indices)))
 
 
 def expanded_strides(t: Tensor, batch: int, heads: int) -> tuple[int, int]:

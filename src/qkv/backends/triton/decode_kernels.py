@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .kernels import _dot, _operand, _scores, _seen_columns
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit

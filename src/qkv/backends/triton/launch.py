@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from ...problem import Problem
 from . import configs, kernels
-from .blocks import TileLists, expanded_strides, kv_lists, pack_partial_tiles, positions, tile_kinds
+from .blocks import TileLists, expanded_strides, kv_lists, pack_partial_tiles, positions, query_lists, tile_kinds
 from .programs import BITS, MaskProgram, ScoreProgram
 
 configs.patch_interpreter()
@@ -28,7 +28,7 @@ class _Tiles:
     def __init__(self, problem: Problem, mask: MaskProgram, block_m: int, block_n: int):
         kinds = tile_kinds(problem, block_m, block_n)
         self.nqb, self.nkb = kinds.shape[-2], kinds.shape[-1]
-        self.by_query: TileLists = kv_lists(kinds)
+        self.by_query: TileLists = query_lists(problem, block_m, block_n)
         self.by_key: TileLists = kv_lists(kinds.transpose(-1, -2))
         dev = problem.device
         if mask.mode == BITS:

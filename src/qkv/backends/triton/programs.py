@@ -214,7 +214,8 @@ def _closure(fn) -> dict:
 
 def _parts(mod: ScoreMod) -> list[ScoreMod] | None:
     """The steps of a (possibly chained) modifier made by :mod:`qkv.scores`' constructors."""
-    if mod.fn.__name__ == "chained":
+    name, module = getattr(mod.fn, "__name__", ""), getattr(mod.fn, "__module__", "")
+    if module == "qkv.scores" and name == "chained":
         parts = []
         for part in _closure(mod.fn)["parts"]:
             sub = _parts(part)
@@ -222,7 +223,7 @@ def _parts(mod: ScoreMod) -> list[ScoreMod] | None:
                 return None
             parts.extend(sub)
         return parts
-    if mod.fn.__module__ == "qkv.scores" and mod.fn.__name__ in ("alibi_bias", "soft_cap", "rel_bias"):
+    if module == "qkv.scores" and name in ("alibi_bias", "soft_cap", "rel_bias"):
         return [mod]
     return None
 
