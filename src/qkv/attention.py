@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .backends import REGISTRY
 from .backends import reference as _reference
 from .dispatch import choose
 from .problem import Problem, make_problem
@@ -48,7 +47,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
     if problem.is_empty:
         out, lse = _empty_result(problem)
     else:
-        out, lse = REGISTRY[choose(problem, backend).chosen].run(problem)
+        out, lse = choose(problem, backend).backend.run(problem)
     return (out, lse) if return_lse else out
 
 

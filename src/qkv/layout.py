@@ -83,12 +83,15 @@ class KvBlocks:
 
 
 def _tiles_of_kind(kinds: Tensor, kind: int) -> tuple[Tensor, Tensor]:
-    """Count and ascending indices (then the rest) of the tiles of ``kind`` in each row."""
+    """Count and ascending indices (then the other indices, ascending) of the tiles of ``kind`` in
+    each row: a stable partition by two running counts, ``O(tiles)``, no sort and no host sync."""
+    wanted = kinds == kind
     nkb = kinds.shape[-1]
-    cols = torch.arange(nkb, device=kinds.device, dtype=torch.int32)
-    key = torch.where(kinds == kind, cols, cols + nkb)  # wanted tiles sort first, each group ascending
-    order = torch.sort(key, dim=-1).values % nkb
-    return (kinds == kind).sum(dim=-1, dtype=torch.int32), order.to(torch.int32)
+    count = wanted.sum(dim=-1, keepdim=True, dtype=torch.int64)
+    slot = torch.where(wanted, wanted.cumsum(-1) - 1, count + (~wanted).cumsum(-1) - 1)
+    cols = torch.arange(nkb, device=kinds.device, dtype=torch.int32).expand(kinds.shape)
+    order = torch.empty(kinds.shape, dtype=torch.int32, device=kinds.device).scatter_(-1, slot, cols)
+    return count.squeeze(-1).to(torch.int32), order
 
 
 #: Split the tiled walk per batch element when that visits at most this fraction of the tiles the

@@ -146,21 +146,36 @@ def merge_over_batch_and_heads(kinds: Tensor) -> Tensor:
     return merge_kinds(kinds)
 
 
+#: Elements of a bool matrix converted at once by :func:`count_tiles`.
+_COUNT_CHUNK_ELEMENTS = 1 << 24
+
+
 def count_tiles(allowed: Tensor, block_q: int, block_k: int) -> Tensor:
     """Tile kinds of a boolean matrix ``allowed`` of shape ``(..., R, C)``.
 
     A dimension of size 1 (a broadcast mask) counts as uniform along that axis; the result has
-    ``ceil(R / block_q)`` (or 1) rows and ``ceil(C / block_k)`` (or 1) columns.
+    ``ceil(R / block_q)`` (or 1) rows and ``ceil(C / block_k)`` (or 1) columns. Counted a band of
+    tile rows at a time, in 16-bit partial sums where they fit: the temporaries stay below
+    ``_COUNT_CHUNK_ELEMENTS`` small integers whatever the matrix size (an expanded, broadcast
+    ``allowed`` is never materialised whole).
     """
     *lead, rows, cols = allowed.shape
     bq = 1 if rows == 1 else block_q
     bk = 1 if cols == 1 else block_k
     nqb, nkb = math.ceil(rows / bq), math.ceil(cols / bk)
-    padded = torch.zeros(*lead, nqb * bq, nkb * bk, dtype=torch.int32, device=allowed.device)
-    padded[..., :rows, :cols] = allowed.to(torch.int32)
-    counts = padded.view(*lead, nqb, bq, nkb, bk).sum(dim=(-3, -1))
-    row_sizes = torch.clamp(rows - torch.arange(nqb, device=allowed.device) * bq, max=bq)
-    col_sizes = torch.clamp(cols - torch.arange(nkb, device=allowed.device) * bk, max=bk)
+    dev = allowed.device
+    counts = torch.empty(*lead, nqb, nkb, dtype=torch.int32, device=dev)
+    per_tile_row = max(1, math.prod(lead) * bq * nkb * bk)
+    band = max(1, _COUNT_CHUNK_ELEMENTS // per_tile_row)
+    small = torch.int16 if bk < (1 << 15) else torch.int32
+    for t0 in range(0, nqb, band):
+        t1 = min(nqb, t0 + band)
+        part = allowed[..., t0 * bq:min(rows, t1 * bq), :].to(small)
+        part = torch.nn.functional.pad(part, (0, nkb * bk - cols, 0, (t1 - t0) * bq - part.shape[-2]))
+        per_row = part.view(*lead, (t1 - t0) * bq, nkb, bk).sum(dim=-1, dtype=small)
+        counts[..., t0:t1, :] = per_row.view(*lead, t1 - t0, bq, nkb).sum(dim=-2, dtype=torch.int32)
+    row_sizes = torch.clamp(rows - torch.arange(nqb, device=dev) * bq, max=bq)
+    col_sizes = torch.clamp(cols - torch.arange(nkb, device=dev) * bk, max=bk)
     sizes = row_sizes[:, None] * col_sizes[None, :]
     return tile_kinds(counts == 0, counts == sizes)
 
@@ -211,6 +226,13 @@ class Mask:
         This default evaluates the mask chunk by chunk (exact, ``O(Nq * Nk)`` work, ``O(Nk)``
         memory per chunk); built-in masks override it with an ``O(tiles)`` analytic version."""
         return evaluate_block_kinds(self, grid, batch, heads)
+
+    @property
+    def analytic_block_view(self) -> bool:
+        """True when :meth:`block_kinds` is computed from tile bounds (``O(tiles)``), False when it
+        would evaluate the mask element by element (``O(Nq * Nk)``): the dispatcher then estimates
+        without it."""
+        return type(self).block_kinds is not Mask.block_kinds
 
     def _bound_copy(self, **fields) -> Mask:
         """A copy of this mask with ``fields`` replaced: how :meth:`bind` specialises a mask to
@@ -390,6 +412,7 @@ class Document(Mask):
             _int_vector("document: q_segment_ids", q_segment_ids, allow_2d=True))
         self.causal = bool(causal)
         self._positions = None
+        self._sorted = None  # are the ids non-decreasing along each row? (found once, see block_kinds)
 
     @staticmethod
     def _as_rows(ids: Tensor) -> Tensor:
@@ -420,6 +443,9 @@ class Document(Mask):
             segment_ids=self.segment_ids.to(device), _positions=pos.to(device),
             q_segment_ids=None if self.q_segment_ids is None else self.q_segment_ids.to(device))
 
+    def _table_versions(self) -> tuple:
+        return tuple(None if t is None else t._version for t in (self.segment_ids, self.q_segment_ids))
+
     def _query_ids(self, b: Tensor, q: Tensor) -> Tensor:
         if self.q_segment_ids is not None:
             if self._positions is None:
@@ -437,9 +463,11 @@ class Document(Mask):
         return same & (k <= q) if self.causal else same
 
     def block_kinds(self, grid, batch, heads):
-        sorted_ids = all(ids is None or bool((ids[:, 1:] >= ids[:, :-1]).all())
-                         for ids in (self.segment_ids, self.q_segment_ids))
-        if not sorted_ids:
+        if self._sorted is None or self._sorted[0] != self._table_versions():
+            sorted_ids = all(ids is None or bool((ids[:, 1:] >= ids[:, :-1]).all())
+                             for ids in (self.segment_ids, self.q_segment_ids))
+            self._sorted = (self._table_versions(), sorted_ids)  # one host sync per table, not per call
+        if not self._sorted[1]:
             return evaluate_block_kinds(self, grid, batch, heads)
         kf, kl = grid.key_bounds()
         if self.q_segment_ids is None:
@@ -624,6 +652,10 @@ class FunctionMask(Mask):
 class _Combined(Mask):
     def __init__(self, *parts: Mask):
         self.parts = parts
+
+    @property
+    def analytic_block_view(self) -> bool:
+        return all(p.analytic_block_view for p in self.parts)
 
     def bind(self, batch, heads, nq, nk, device, positions=None):
         return type(self)(*(bind_mask(p, batch, heads, nq, nk, device, positions) for p in self.parts))
