@@ -86,12 +86,13 @@ def _tiles_of_kind(kinds: Tensor, kind: int) -> tuple[Tensor, Tensor]:
     """Count and ascending indices (then the other indices, ascending) of the tiles of ``kind`` in
     each row: a stable partition by two running counts, ``O(tiles)``, no sort and no host sync."""
     wanted = kinds == kind
-    nkb = kinds.shape[-1]
-    count = wanted.sum(dim=-1, keepdim=True, dtype=torch.int64)
-    slot = torch.where(wanted, wanted.cumsum(-1) - 1, count + (~wanted).cumsum(-1) - 1)
-    cols = torch.arange(nkb, device=kinds.device, dtype=torch.int32).expand(kinds.shape)
-    order = torch.empty(kinds.shape, dtype=torch.int32, device=kinds.device).scatter_(-1, slot, cols)
-    return count.squeeze(-1).to(torch.int32), order
+    cols = torch.arange(kinds.shape[-1], device=kinds.device, dtype=torch.int32)
+    before = wanted.cumsum(-1, dtype=torch.int32)  # wanted tiles up to and including each column
+    count = before[..., -1:]
+    slot = torch.where(wanted, before - 1, count + cols - before)  # the others: after all wanted ones
+    order = torch.empty(kinds.shape, dtype=torch.int32, device=kinds.device)
+    order.scatter_(-1, slot.long(), cols.expand(kinds.shape))
+    return count.squeeze(-1), order
 
 
 #: Split the tiled walk per batch element when that visits at most this fraction of the tiles the
