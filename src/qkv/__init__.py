@@ -15,6 +15,14 @@ from .sparse_patterns import bigbird, dilated_window, longformer, sparse_fixed, 
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # qkv.parallel (torch.distributed) loads on first use, keeping `import qkv` light.
+    if name == "parallel":
+        import importlib
+        return importlib.import_module(".parallel", __name__)
+    raise AttributeError(f"module 'qkv' has no attribute {name!r}")
+
 __all__ = [
     "attention", "attention_weights", "explain_dispatch", "merge_partials", "masks", "scores", "Mask",
     "causal", "sliding_window", "key_padding", "document", "prefix_lm", "global_tokens",
