@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import masks
 from ..nn import TransformerBlock
 from ..validate import positive_int
-from .bert_weights import load_bert_weights
+from .bert_weights import check_sizes, load_bert_weights
 from .checkpoint import Checkpoint
 from .config import BertConfig
 from .pooling import Pooling, read_pooling
@@ -128,6 +128,7 @@ class BertModel(nn.Module):
             raise FileNotFoundError(f"{directory}: checkpoint directory not found")
         config = BertConfig.from_file(directory / "config.json")
         checkpoint = Checkpoint(directory)
+        check_sizes(config, checkpoint, directory / "config.json")  # before allocating anything
         model = cls(config, backend=backend)
         load_bert_weights(model, checkpoint)
         model.to(device=device, dtype=dtype).eval()
