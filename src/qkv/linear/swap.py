@@ -48,7 +48,8 @@ def attend(kind, q: Tensor, k: Tensor, v: Tensor, mask=None, *, features=None, s
         return exact_attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=return_lse,
                                backend=backend)
     if isinstance(kind, Mask):
-        return exact_attention(q, k, v, _combine(kind, mask), score_mod=score_mod, dropout_p=dropout_p, return_lse=return_lse,
+        return exact_attention(q, k, v, _combine(kind, mask), score_mod=score_mod, dropout_p=dropout_p,
+                               return_lse=return_lse,
                                backend=backend)
     unsupported = [name for name, used in (("score_mod", score_mod is not None), ("dropout", dropout_p > 0),
                                            ("sink (log-sum-exp)", return_lse), ("backend", backend is not None))
