@@ -10,6 +10,7 @@ from .base import Backend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend, TileSizes
+from .triton import TritonBackend
 
 REGISTRY: dict[str, Backend] = {}
 
@@ -19,7 +20,7 @@ def register(backend: Backend) -> None:
     REGISTRY[backend.name] = backend
 
 
-for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend()):
+for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), TritonBackend()):
     register(_backend)
 
-__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend"]
+__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend", "TritonBackend"]

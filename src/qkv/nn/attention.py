@@ -25,6 +25,7 @@ from .. import attention_weights as _attention_weights
 from ..linear import swap as _swap
 from ..linear.features import PerformerFeatures
 from ..validate import positive_int
+from .positional import Rotation
 
 #: eps of the per-head RMS norms used by ``qk_norm=True``.
 QK_NORM_EPS = 1e-6
@@ -121,7 +122,9 @@ class MultiHeadAttention(nn.Module):
                 True = may attend, or an additive float tensor), broadcastable to ``(B, Hq, N, S)``.
                 Not with ``cache``: the cache supplies the mask.
             score_mod: a :mod:`qkv.scores` modifier (ALiBi, soft-capping, relative bias).
-            rope: a :class:`qkv.nn.RotaryEmbedding` applied to queries and keys (self-attention).
+            rope: a :class:`qkv.nn.RotaryEmbedding` applied to queries and keys (self-attention),
+                or a :class:`qkv.nn.positional.Rotation` it made for this step's positions (a model
+                computes one per step and shares it across layers; ``positions`` is then unused).
             positions: positions of the ``N`` tokens for ``rope``: an int offset, ``(N,)`` or
                 ``(B, N)``; default ``0..N-1``, or the cache's positions when ``cache`` is given.
             cache: one layer of a KV cache (``kv_cache.layer(i)``, see :mod:`qkv.cache`) between its
@@ -148,22 +151,30 @@ class MultiHeadAttention(nn.Module):
             if mask is not None:
                 raise ValueError("mask: with a cache, the cache builds the mask (causal over each sequence's "
                                  "own positions); pass mask=None")
-            positions = cache.positions if positions is None else positions
         if rope is not None:
             if not self_attention:
                 raise ValueError("rope: rotary embeddings apply to self-attention only (key=None)")
-            q, k = rope(q, positions), rope(k, positions)
+            if not isinstance(rope, Rotation):  # one rotation (a table lookup) for q and k
+                end = None
+                if cache is not None and positions is None:
+                    positions, end = cache.rope_positions, cache.position_end
+                rope = rope.rotation(positions, q.shape[2], dtype=q.dtype, device=q.device, end=end)
+            q, k = rope(q), rope(k)
+        offsets = {}
         if cache is not None:
             k, v, mask = cache.update(k, v)
             score_mod = cache.remap_score_mod(score_mod)
+            q_offset, k_offset = getattr(cache, "offsets", (None, 0))
+            if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
+                offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
         dropout_p = self.dropout if self.training else 0.0
         sink = self.sink_logits is not None
         if isinstance(self.attention, str) and self.attention == "exact":
             result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
-                                backend=backend)
+                                backend=backend, **offsets)
         else:  # approximate or sparse attention (qkv.linear.swap)
             result = _swap.attend(self.attention, q, k, v, mask, features=self.performer, score_mod=score_mod,
-                                  dropout_p=dropout_p, return_lse=sink, backend=backend)
+                                  dropout_p=dropout_p, return_lse=sink, backend=backend, **offsets)
         out, gate = result, None
         if sink:
             out, lse = result
@@ -173,7 +184,8 @@ class MultiHeadAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim))
         if not need_weights:
             return out
-        weights = _attention_weights(q, k, mask=_swap.weights_mask(self.attention, mask), score_mod=score_mod)
+        weights = _attention_weights(q, k, mask=_swap.weights_mask(self.attention, mask), score_mod=score_mod,
+                                     **offsets)
         if gate is not None:
             weights = weights * gate.unsqueeze(-1).to(weights.dtype)
         return out, weights.mean(dim=1) if average_attn_weights else weights
