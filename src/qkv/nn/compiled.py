@@ -102,8 +102,8 @@ class DecodeStep:
             x = x + emb(column, dtype=x.dtype)
         rope = None
         if model.rope is not None:
-            cos, sin = model.rope.table(self.capacity, x.dtype, x.device)
-            rope = Rotation(cos[column], sin[column], model.rope.interleaved)
+            full_cos, signed_sin = model.rope.expanded_table(self.capacity, x.dtype, x.device)
+            rope = Rotation.from_expanded(full_cos[column], signed_sin[column], model.rope.interleaved)
         key_mask = (self.slots <= column)[:, None, None, :]  # (B, 1, 1, capacity)
         write_index = positions.view(batch, 1, 1, 1).expand(batch, self.cache.num_kv_heads, 1, self.cache.head_dim)
         for i, block in enumerate(model.blocks):
