@@ -9,8 +9,11 @@ holding ``1/W`` of one sequence, and runs forward + backward of ``qkv.parallel.r
 3. causal attention, contiguous vs zigzag layout: per-rank compute time (zigzag should even it out);
 4. a sliding window: ring steps run out of ``W`` (measured), and the plan for more ranks.
 
-On CPU, memory is the growth of the process's peak resident set (ru_maxrss) over its value after
-imports and a warm-up: inputs, outputs, gradients and temporaries of the call. Compute time is this
+On CPU, memory is the peak resident set of the call (Linux ``VmHWM``, reset just before it through
+``/proc/self/clear_refs``) minus the resident set at its start: inputs, outputs, gradients and
+temporaries. glibc's malloc is told to map every block over 64 KiB on its own
+(``MALLOC_MMAP_THRESHOLD_``), so freed tensors leave the resident set at once and the peak is the
+peak of live memory. On GPUs it is ``torch.cuda.max_memory_allocated``. Compute time is this
 thread's CPU time in the blocks (``time.thread_time``), which the oversubscribed CPUs of a small
 machine do not inflate; wall time is reported alongside.
 
@@ -23,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import resource
 import sys
 import time
 
@@ -44,6 +46,12 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 
 def _rank_main(rank, world, port, config, results):
@@ -78,11 +86,15 @@ def _rank_main(rank, world, port, config, results):
     dist.barrier()
     if use_cuda:
         torch.cuda.reset_peak_memory_stats()
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        start_bytes = torch.cuda.memory_allocated()
+    else:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak resident set
+        start_bytes = _status_bytes("VmRSS")
     stats, wall = run(local_n)
-    rss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    row = {"rank": rank, "local_n": local_n, "wall_s": wall,
-           "peak_bytes": torch.cuda.max_memory_allocated() if use_cuda else rss_after - rss_before,
+    peak = torch.cuda.max_memory_allocated() if use_cuda else _status_bytes("VmHWM")
+    row = {"rank": rank, "local_n": local_n, "wall_s": wall, "peak_bytes": peak - start_bytes,
+           "qkv_bytes": local_n * (h + 2 * hkv) * d * 4,
            "forward_sent_per_step": stats.forward_sent, "backward_sent_per_step": stats.backward_sent,
            "forward_compute_s": sum(stats.forward_compute_s), "backward_compute_s": sum(stats.backward_compute_s),
            "forward_wait_s": sum(stats.forward_wait_s), "backward_wait_s": sum(stats.backward_wait_s),
@@ -96,7 +108,8 @@ def measure(world: int, config: dict) -> list[dict]:
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, world, port, config, results)) for r in range(world)]
+    procs = [ctx.Process(target=_rank_main, args=(r, world, port, config, results), daemon=True)
+             for r in range(world)]
     for p in procs:
         p.start()
     rows = [results.get(timeout=1800) for _ in range(world)]
@@ -123,15 +136,18 @@ def main() -> None:
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--json", default=os.path.join(os.path.dirname(__file__), "results", "ring_attention.json"))
+    parser.add_argument("--parts", nargs="+", default=["memory", "balance", "window"])
     args = parser.parse_args()
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 10))  # for the ranks: see the docstring
     use_cuda = torch.cuda.is_available() and torch.cuda.device_count() >= max(args.worlds)
     base = dict(batch=1, heads=4, kv_heads=4, head_dim=64, n=args.n, window=args.window, cuda=use_cuda,
                 backend="tiled")
 
-    memory = []
-    for world in args.worlds:
+    memory, balance, window = [], {}, {}
+    for world in args.worlds if "memory" in args.parts else []:
         rows = measure(world, {**base, "mask": "causal", "layout": "zigzag"})
         memory.append({"world_size": world, "peak_bytes_per_rank": [r["peak_bytes"] for r in rows],
+                       "local_qkv_bytes": rows[0]["qkv_bytes"],
                        "forward_sent_per_step": rows[0]["forward_sent_per_step"],
                        "backward_sent_per_step": rows[0]["backward_sent_per_step"],
                        "wall_s": max(r["wall_s"] for r in rows)})
@@ -139,8 +155,7 @@ def main() -> None:
               f"{rows[0]['forward_sent_per_step']}, backward {rows[0]['backward_sent_per_step']}", flush=True)
 
     world = max(args.worlds)
-    balance = {}
-    for layout in ("contiguous", "zigzag"):
+    for layout in ("contiguous", "zigzag") if "balance" in args.parts else []:
         rows = measure(world, {**base, "mask": "causal", "layout": layout})
         balance[layout] = [{"rank": r["rank"], "forward_compute_s": r["forward_compute_s"],
                             "backward_compute_s": r["backward_compute_s"], "wait_s": r["forward_wait_s"]
@@ -150,12 +165,14 @@ def main() -> None:
         print(f"causal {layout}, W={world}: compute per rank {[round(t, 2) for t in totals]} s "
               f"(max/min {max(totals) / min(totals):.2f})", flush=True)
 
-    rows = measure(world, {**base, "mask": "window", "layout": "contiguous"})
-    window = {"measured": {"world_size": world, "n": args.n, "window": args.window, **rows[0]["plan"],
-                           "forward_sent_per_step_by_rank": [r["forward_sent_per_step"] for r in rows],
-                           "compute_s_by_rank": [r["forward_compute_s"] + r["backward_compute_s"] for r in rows]},
-              "planned": window_plans(args.n, args.window, [2, 4, 8, 16, 32])}
-    print(f"sliding_window({args.window}), W={world}: {rows[0]['plan']['steps']} of {world} steps run", flush=True)
+    if "window" in args.parts:
+        rows = measure(world, {**base, "mask": "window", "layout": "contiguous"})
+        window = {"measured": {"world_size": world, "n": args.n, "window": args.window, **rows[0]["plan"],
+                               "forward_sent_per_step_by_rank": [r["forward_sent_per_step"] for r in rows],
+                               "compute_s_by_rank": [r["forward_compute_s"] + r["backward_compute_s"] for r in rows]},
+                  "planned": window_plans(args.n, args.window, [2, 4, 8, 16, 32])}
+        print(f"sliding_window({args.window}), W={world}: {rows[0]['plan']['steps']} of {world} steps run",
+              flush=True)
 
     result = {"environment": {**environment(), "backend": "nccl" if use_cuda else "gloo",
                               "device": "cuda" if use_cuda else "cpu"},

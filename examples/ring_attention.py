@@ -51,7 +51,8 @@ def main() -> None:
         plan = stats.plan.summary()
         print(f"{world} ranks ({device.type}), n={n}, {len(local[0][0, 0])} positions per rank, zigzag + causal: "
               f"{plan['steps']} steps, {plan['blocks_computed']} blocks computed; rank 0 sent "
-              f"{stats.forward_bytes_sent / 2**20:.2f} MiB forward, {stats.backward_bytes_sent / 2**20:.2f} MiB backward")
+              f"{stats.forward_bytes_sent / 2**20:.2f} MiB forward, "
+              f"{stats.backward_bytes_sent / 2**20:.2f} MiB backward")
 
     whole_out = gather_sequence(out.detach(), "zigzag")
     whole_grads = [gather_sequence(t.grad, "zigzag") for t in local]

@@ -74,8 +74,8 @@ def run_ranks(fn, world_size: int, *args, timeout_s: float = 120.0, group_timeou
                 p.join(timeout=5)
     problems = [f"rank {r}: {got[r][1]}" for r in sorted(got) if got[r][0] == "error"]
     late = time.monotonic() >= deadline
-    problems += [f"rank {r}: " + (f"did not finish within {timeout_s:.0f} s (killed)" if late else "exited without a result")
-                 for r in range(world_size) if r not in got]
+    missing = f"did not finish within {timeout_s:.0f} s (killed)" if late else "exited without a result"
+    problems += [f"rank {r}: {missing}" for r in range(world_size) if r not in got]
     if problems:
         raise AssertionError(f"{len(problems)} of {world_size} ranks failed:\n" + "\n".join(problems))
     return [got[r][1] for r in range(world_size)]

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import qkv
-from qkv.parallel import RingStats, ring_attention, shard_sequence
+from qkv.parallel import RingStats, gather_sequence, ring_attention, shard_sequence
 from qkv.scores import alibi, chain, relative_bias, softcap
 
 # name -> dict(world, layout, dtype, n (int, or per-rank lengths), heads (Hq, Hkv), dims (D, Dv), mask, mod, ...)
@@ -194,6 +194,10 @@ def run_all(rank: int, world: int) -> dict:
             results[name] = run_case(name, case, None, rank, world)
         else:
             results[name] = run_case(name, case, pair, rank % 2, 2)
+    # gather_sequence puts the whole sequence back on every rank, uneven shards included.
+    whole = torch.randn(2, 3, 30, 4, generator=torch.Generator().manual_seed(1))
+    results["gather"] = [torch.equal(gather_sequence(shard_sequence(whole, layout, rank=rank, world_size=world),
+                                                     layout), whole) for layout in ("contiguous", "zigzag")]
     # Bad input: every rank raises the same ValueError (none is left waiting).
     heads = 2 if rank != 1 else 4
     x = torch.randn(1, heads, 4, 8, dtype=torch.float64)

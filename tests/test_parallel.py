@@ -66,6 +66,10 @@ def test_zigzag_causal_needs_every_shard(ranks):
     assert plan["steps"] == 4 and plan["blocks_skipped_in_hand"] == 0
 
 
+def test_gather_sequence_on_every_rank(ranks):
+    assert all(results["gather"] == [True, True] for results in ranks)
+
+
 def test_bad_input_raises_on_every_rank(ranks):
     for rank, results in enumerate(ranks):
         assert results["mismatched_heads"].startswith("ValueError") and "query heads" in results["mismatched_heads"]

@@ -46,9 +46,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
         nothing gets zeros, ``lse = -inf`` and zero gradients. float16/bfloat16 inputs accumulate
         in float32.
     """
-    if score_mod is None and generator is None and return_lse is False and backend is None \
-            and type(dropout_p) in _NUMBERS and dropout_p == 0:
-        out = fastpath.attend(q, k, v, mask, scale)  # a decision remembered per problem signature
+    if score_mod is None and generator is None and return_lse is False and q_offset is None \
+            and type(k_offset) is int and k_offset == 0 and type(dropout_p) in _NUMBERS and dropout_p == 0:
+        out = fastpath.attend(q, k, v, mask, scale, backend)  # a decision remembered per problem signature
         if out is not None:
             return out
     problem = make_problem(q, k, v, mask, scale=scale, score_mod=score_mod, dropout_p=dropout_p,

@@ -16,7 +16,8 @@ from .problem import Problem, make_problem
 @dataclass(frozen=True)
 class Dispatch:
     """The outcome of dispatching one problem: the chosen backend, and for every registered
-    backend its estimated seconds (None where it cannot run) and the reasons it cannot.
+    backend its estimated seconds (None where it cannot run) and the reasons it cannot. A forced
+    backend is only checked for support: every estimate is None and ``reasons`` holds it alone.
     ``str()`` renders the decision as a table."""
 
     chosen: str
@@ -30,7 +31,10 @@ class Dispatch:
         lines = [f"problem: {summarize(self.problem)}", f"chosen:  {self.chosen} ({how})"]
         for name, est in sorted(self.estimates.items(), key=lambda kv: (kv[1] is None, kv[1] or 0)):
             mark = "*" if name == self.chosen else " "
-            if est is None:
+            if est is None and not self.reasons.get(name):
+                lines.append(f" {mark} {name:<10} not estimated (backend forced)" if name == self.chosen else
+                             f" {mark} {name:<10} not considered (backend forced)")
+            elif est is None:
                 lines.append(f" {mark} {name:<10} cannot run: " + "; ".join(self.reasons[name]))
             else:
                 lines.append(f" {mark} {name:<10} ~{_seconds(est)}")
@@ -67,17 +71,17 @@ def choose(problem: Problem, backend: str | None = None) -> Dispatch:
     named backend does not exist or cannot run the problem, quoting its reasons."""
     if backend is not None and backend not in REGISTRY:
         raise ValueError(f"backend must be None or one of {sorted(REGISTRY)}, got {backend!r}")
+    if backend is not None:  # only the forced backend's own support check: no estimate, no block view
+        own = REGISTRY[backend].unsupported(problem)
+        if own:
+            able = [n for n, b in REGISTRY.items() if n != backend and not b.unsupported(problem)]
+            raise ValueError(f"backend={backend!r} cannot run this problem: " + "; ".join(own)
+                             + f". Backends that can: {', '.join(able)}")
+        return Dispatch(backend, True, {name: None for name in REGISTRY}, {backend: []}, problem)
     reasons = {name: b.unsupported(problem) for name, b in REGISTRY.items()}
     estimates = {name: (None if reasons[name] else REGISTRY[name].estimate(problem)) for name in REGISTRY}
-    if backend is not None:
-        if reasons[backend]:
-            able = [n for n in REGISTRY if not reasons[n]]
-            raise ValueError(f"backend={backend!r} cannot run this problem: " + "; ".join(reasons[backend])
-                             + f". Backends that can: {', '.join(able)}")
-        chosen = backend
-    else:
-        chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
-    return Dispatch(chosen, backend is not None, estimates, reasons, problem)
+    chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
+    return Dispatch(chosen, False, estimates, reasons, problem)
 
 
 def explain_dispatch(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,

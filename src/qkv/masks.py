@@ -150,19 +150,40 @@ def count_tiles(allowed: Tensor, block_q: int, block_k: int) -> Tensor:
     """Tile kinds of a boolean matrix ``allowed`` of shape ``(..., R, C)``.
 
     A dimension of size 1 (a broadcast mask) counts as uniform along that axis; the result has
-    ``ceil(R / block_q)`` (or 1) rows and ``ceil(C / block_k)`` (or 1) columns.
+    ``ceil(R / block_q)`` (or 1) rows and ``ceil(C / block_k)`` (or 1) columns. Reduced as bool
+    (``any``/``all`` per tile), a band of tile rows at a time: the extra memory is ``O(tiles)``
+    plus at most one band (``_EVAL_CHUNK_ELEMENTS``), never a converted copy of the whole mask.
     """
     *lead, rows, cols = allowed.shape
     bq = 1 if rows == 1 else block_q
     bk = 1 if cols == 1 else block_k
-    nqb, nkb = math.ceil(rows / bq), math.ceil(cols / bk)
-    padded = torch.zeros(*lead, nqb * bq, nkb * bk, dtype=torch.int32, device=allowed.device)
-    padded[..., :rows, :cols] = allowed.to(torch.int32)
-    counts = padded.view(*lead, nqb, bq, nkb, bk).sum(dim=(-3, -1))
-    row_sizes = torch.clamp(rows - torch.arange(nqb, device=allowed.device) * bq, max=bq)
-    col_sizes = torch.clamp(cols - torch.arange(nkb, device=allowed.device) * bk, max=bk)
-    sizes = row_sizes[:, None] * col_sizes[None, :]
-    return tile_kinds(counts == 0, counts == sizes)
+    nkb = math.ceil(cols / bk)
+    band = max(1, _EVAL_CHUNK_ELEMENTS // max(1, math.prod(lead) * bq * nkb * bk)) * bq  # rows per band
+    kinds = []
+    for r0 in range(0, rows, band):
+        part = allowed[..., r0:r0 + band, :]
+        kinds.append(tile_kinds(~_per_tile(part, bq, bk, torch.any), _per_tile(part, bq, bk, torch.all)))
+    return torch.cat(kinds, dim=-2)
+
+
+def _per_tile(x: Tensor, bq: int, bk: int, reduce) -> Tensor:
+    """``reduce`` (``torch.any`` or ``torch.all``) over each ``(bq x bk)`` tile of ``x (..., R, C)``;
+    the ragged last tile row and column are reduced over what they hold."""
+    *lead, rows, cols = x.shape
+    row_parts = [(0, rows // bq * bq, bq), (rows // bq * bq, rows, rows % bq)]
+    col_parts = [(0, cols // bk * bk, bk), (cols // bk * bk, cols, cols % bk)]
+    out_rows = []
+    for r0, r1, rb in row_parts:
+        if r1 == r0:
+            continue
+        out_cols = []
+        for c0, c1, cb in col_parts:
+            if c1 == c0:
+                continue
+            tiles = x[..., r0:r1, c0:c1].reshape(*lead, (r1 - r0) // rb, rb, (c1 - c0) // cb, cb)
+            out_cols.append(reduce(reduce(tiles, dim=-1), dim=-2))
+        out_rows.append(torch.cat(out_cols, dim=-1))
+    return torch.cat(out_rows, dim=-2)
 
 
 def position_grid(batch: int, heads: int, nq: int, nk: int, device, positions: Positions | None = None

@@ -65,6 +65,14 @@ class _Tiling:
             hb = bias.shape[1]
             shape = (bias.shape[0], self.Hkv, self.G) if hb > 1 else (bias.shape[0], 1, 1)
             self.bias5 = bias.reshape(*shape, *bias.shape[2:])
+        self.keys_seen = None if self.bias5 is None else keys_seen_through_bias(self.bias5)
+
+    def visible_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``k, v`` in compute dtype, zero at keys a ``-inf`` bias hides from every query."""
+        k, v = k.to(self.cdt), v.to(self.cdt)
+        if self.keys_seen is not None:
+            k, v = torch.where(self.keys_seen, k, 0), torch.where(self.keys_seen, v, 0)
+        return k, v
 
     def rows(self, i: int) -> tuple[int, int]:
         r0 = i * self.sizes.block_q
@@ -114,21 +122,23 @@ class _Tiling:
         return ds.sum(dim=dims, keepdim=True) if dims else ds
 
     def hidden(self, r0, r1, c0, c1, partial: bool) -> tuple[Tensor | None, Tensor | None]:
-        """The entries of a tile that the mask hides (on partial runs) or a ``-inf`` bias hides, as
-        a bool tensor broadcastable to the stacked scores, and per key ``(B|1, Hkv|1, keys, 1)``
-        whether any row of this block sees it; ``(None, None)`` when nothing is hidden."""
+        """The entries of a tile that the mask hides (on partial runs; with a score modifier also
+        those a ``-inf`` bias hides), as a bool tensor broadcastable to the stacked scores, and per
+        key ``(B|1, Hkv|1, keys, 1)`` whether any row of this block sees it; ``(None, None)`` when
+        nothing is hidden. Keys that a ``-inf`` bias hides from every query are zeroed once for the
+        whole call (:func:`keys_seen_through_bias`)."""
         p = self.problem
         hide = None
         if partial:
             h, qpos, _ = self.query_index(r0, r1)
             kpos = self.key_positions(c0, c1)
             hide = ~p.mask.allowed(self.b_idx, h, qpos, kpos)
-        if self.bias5 is not None:
+        if self.bias5 is not None and p.score_mod is not None:  # else s + (-inf) is -inf already
             minus_inf = self.bias_tile(r0, r1, c0, c1) == NEG_INF
             hide = minus_inf if hide is None else hide | minus_inf
         if hide is None:
             return None, None
-        return hide, (~hide).any(dim=-2, keepdim=True).transpose(-1, -2)
+        return hide, ~hide.all(dim=-2, keepdim=True).transpose(-1, -2)
 
     @staticmethod
     def visible_only(x: Tensor, seen: Tensor | None) -> Tensor:
@@ -161,11 +171,27 @@ class _Tiling:
         return keep.to(self.cdt) / (1.0 - p.dropout_p)
 
 
+#: Bias elements compared at once by :func:`keys_seen_through_bias`.
+_BAND_ELEMENTS = 1 << 24
+
+
+def keys_seen_through_bias(bias5: Tensor) -> Tensor:
+    """``(B|1, Hkv|1, Nk|1, 1)``: the key is not ``-inf`` for some query (and query head of its
+    group) in the grouped bias ``(B|1, Hkv|1, G|1, Nq|1, Nk|1)``; read a band of rows at a time."""
+    rows = bias5.shape[3]
+    band = max(1, _BAND_ELEMENTS // max(1, bias5[..., :1, :].numel()))
+    seen = None
+    for r0 in range(0, rows, band):
+        part = (bias5[..., r0:r0 + band, :] != NEG_INF).any(dim=3).any(dim=2)
+        seen = part if seen is None else seen | part
+    return seen.unsqueeze(-1)
+
+
 def _forward(t: _Tiling, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     p = t.problem
     out = torch.zeros(t.B, p.q_heads, p.nq, p.v_dim, dtype=p.dtype, device=p.device)
     lse = torch.full((t.B, p.q_heads, p.nq), NEG_INF, dtype=t.cdt, device=p.device)
-    k, v = k.to(t.cdt), v.to(t.cdt)
+    k, v = t.visible_kv(k, v)
     for i, runs in enumerate(t.runs):
         if not runs:
             continue
@@ -200,7 +226,7 @@ def _backward(t: _Tiling, q, k, v, out, lse, dout, dlse, needs):
     """Gradients for (q, k, v, bias, *score_mod tensors), recomputing probabilities from ``lse``."""
     p = t.problem
     cdt = t.cdt
-    k, v = k.to(cdt), v.to(cdt)
+    k, v = t.visible_kv(k, v)
     dq = torch.zeros(t.B, p.q_heads, p.nq, p.head_dim, dtype=cdt, device=p.device)
     dk = torch.zeros(t.B, p.kv_heads, p.nk, p.head_dim, dtype=cdt, device=p.device)
     dv = torch.zeros(t.B, p.kv_heads, p.nk, p.v_dim, dtype=cdt, device=p.device)

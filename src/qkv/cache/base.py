@@ -31,7 +31,7 @@ import os
 import torch
 from torch import Tensor
 
-from ..masks import Mask, causal
+from ..masks import Mask, causal, from_tensor
 from ..validate import positive_int
 from .positions import PositionMask
 
@@ -96,6 +96,10 @@ class Step:
     (real tokens per row) are then built only if asked for. ``end`` bounds every position
     (``< end``), so that position tables need not read the positions back.
 
+    ``q_offset``, ``k_offset`` are the positions of the first query row and key column, as
+    :func:`qkv.attention` takes them (an int or a ``(B,)`` tensor; None and 0 mean bottom-right):
+    masks and score modifiers then see every token's true position.
+
     ``new_columns`` says where the step's tokens sit along the key axis of what ``update``
     returns: a slice (every row's ``n`` tokens at the same columns), or ``(rows, columns,
     tokens)`` index tensors on the cache's device, one entry per real token (token ``tokens[i]``
@@ -107,8 +111,9 @@ class Step:
 
     def __init__(self, *, n: int, batch: int, device, end: int, mask: Mask | None, true_positions: bool,
                  new_columns, offset: int | None = None, positions: Tensor | None = None,
-                 counts: Tensor | None = None, position_mask=None):
+                 counts: Tensor | None = None, position_mask=None, q_offset=None, k_offset=0):
         self.n, self.batch, self.device, self.end, self.offset = n, batch, device, end, offset
+        self.q_offset, self.k_offset = q_offset, k_offset  # for qkv.attention (None, 0: bottom-right)
         self.mask, self.true_positions, self.new_columns = mask, true_positions, new_columns
         self._positions, self._counts, self._position_mask = positions, counts, position_mask
         self.checked = False
@@ -172,22 +177,25 @@ def appending_step(lengths: Tensor, counts: Tensor, n: int, num_keys: int, devic
     (column = position) and appends the new ones after them, reading ``num_keys`` columns (at
     least ``max(lengths + counts)``; exactly ``lengths[0] + n`` when the batch is uniform).
 
-    Uniform (equal lengths, every token real): :func:`uniform_step`. Otherwise a
-    :class:`PositionMask` over each row's own positions, and ``new_columns`` lists the real tokens."""
+    Uniform (equal lengths, every token real): :func:`uniform_step`. Otherwise explicit positions:
+    row ``b``'s queries start at ``q_offset[b] = lengths[b]`` (keys at their columns, ``k_offset =
+    0``) under :func:`qkv.causal`, which then hides every column beyond a query's own position; and
+    ``new_columns`` lists the real tokens."""
     batch = lengths.shape[0]
     if bool((lengths == lengths[0]).all() and (counts == n).all()):
         return uniform_step(int(lengths[0]), n, batch, device)
-    positions = lengths.to(device)[:, None] + torch.arange(n, device=device)
+    q_offset = lengths.to(device)
+    positions = q_offset[:, None] + torch.arange(n, device=device)
     rows, tokens = real_tokens(counts)
     new_columns = tuple(t.to(device) for t in (rows, lengths[rows] + tokens, tokens))
-    k_positions = torch.arange(num_keys, device=device).expand(batch, -1)
-    # Padding queries see nothing (position -1): the never-written slots of padding tokens are then
-    # hidden from every query, so whatever they hold (a reused page's NaN) cannot reach an output.
-    padding = (torch.arange(n) >= counts[:, None]).to(device)
-    q_positions = positions.masked_fill(padding, -1)
-    return Step(n=n, batch=batch, device=device, end=int(lengths.max()) + n,
-                mask=PositionMask(q_positions, k_positions), true_positions=True, new_columns=new_columns,
-                positions=positions, counts=counts)
+    mask = _CAUSAL
+    if bool((counts < n).any()):
+        # Padding queries see nothing: the never-written slots of padding tokens are then hidden
+        # from every query, so whatever they hold (a reused page's NaN) cannot reach an output.
+        real_queries = (torch.arange(n) < counts[:, None]).to(device)
+        mask = _CAUSAL & from_tensor(real_queries[:, None, :, None])  # (B, 1, n, 1), by query row
+    return Step(n=n, batch=batch, device=device, end=int(lengths.max()) + n, mask=mask, true_positions=False,
+                new_columns=new_columns, positions=positions, counts=counts, q_offset=q_offset)
 
 
 class CacheLayer:
@@ -210,6 +218,12 @@ class CacheLayer:
     def position_end(self) -> int:
         """A bound on this step's positions (all ``<`` it)."""
         return self.cache.step.end
+
+    @property
+    def offsets(self) -> tuple:
+        """``(q_offset, k_offset)`` to pass to :func:`qkv.attention` with what ``update`` returns."""
+        step = self.cache.step
+        return step.q_offset, step.k_offset
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Mask | None]:
         """Store this step's ``k, v (B, Hkv, n, D)`` (detached); return the keys and values to

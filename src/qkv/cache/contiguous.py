@@ -15,7 +15,7 @@ from torch import Tensor
 
 from ..validate import positive_int
 from . import base
-from .base import CacheFullError, KVCacheBase, Step, appending_step, put_tokens, uniform_step
+from .base import CacheFullError, token_counts, KVCacheBase, Step, appending_step, put_tokens, uniform_step
 
 
 class KVCache(KVCacheBase):
@@ -81,6 +81,16 @@ class KVCache(KVCacheBase):
                                  "nothing was written")
         self._nk = min(self.capacity, int(self._lengths.max()) + n)
         return appending_step(self._lengths, counts, n, self._nk, self.device)
+
+    def advance(self, counts: Tensor) -> None:
+        """Record that rows grew by ``counts (B,)`` tokens written into :attr:`k`, :attr:`v` directly
+        (by a fixed-shape :class:`~qkv.nn.compiled.DecodeStep`), at slots ``lengths[b] ..``."""
+        counts = token_counts(counts, name="counts", batch_size=self.batch_size, num_tokens=self.capacity)
+        if int((self._lengths + counts).max()) > self.capacity:
+            raise CacheFullError(f"KVCache: capacity {self.capacity} exceeded by advance({counts.tolist()}) from "
+                                 f"lengths {self._lengths.tolist()}")
+        self._lengths += counts
+        self._uniform = int(self._lengths[0]) if bool((self._lengths == self._lengths[0]).all()) else None
 
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         where = self._step.new_columns

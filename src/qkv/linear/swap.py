@@ -42,16 +42,18 @@ def _combine(pattern: Mask, mask):
 
 
 def attend(kind, q: Tensor, k: Tensor, v: Tensor, mask=None, *, features=None, score_mod=None, dropout_p=0.0,
-           return_lse=False, backend=None):
-    """:func:`qkv.attention`'s call, answered by the attention ``kind`` (see the module docstring)."""
+           return_lse=False, backend=None, **positions):
+    """:func:`qkv.attention`'s call, answered by the attention ``kind`` (see the module docstring).
+    ``positions`` (``q_offset``, ``k_offset``) are passed on to exact attention."""
     if kind == "exact":
         return exact_attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=return_lse,
-                               backend=backend)
+                               backend=backend, **positions)
     if isinstance(kind, Mask):
-        return exact_attention(q, k, v, _combine(kind, mask), score_mod=score_mod, dropout_p=dropout_p, return_lse=return_lse,
-                               backend=backend)
+        return exact_attention(q, k, v, _combine(kind, mask), score_mod=score_mod, dropout_p=dropout_p,
+                               return_lse=return_lse, backend=backend, **positions)
     unsupported = [name for name, used in (("score_mod", score_mod is not None), ("dropout", dropout_p > 0),
-                                           ("sink (log-sum-exp)", return_lse), ("backend", backend is not None))
+                                           ("sink (log-sum-exp)", return_lse), ("backend", backend is not None),
+                                           ("positions from a KV cache (q_offset/k_offset)", bool(positions)))
                    if used]
     if unsupported:
         raise ValueError(f"attention={kind!r} computes no softmax scores, so it cannot take: {', '.join(unsupported)}")

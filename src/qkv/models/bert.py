@@ -226,8 +226,9 @@ def _layer_with_weights(layer: TransformerBlock, x: Tensor, mask, backend: str |
     the weights would compute the attention twice).
     """
     out, weights = layer.attn(x, mask=mask, need_weights=True, average_attn_weights=False, backend=backend)
-    x = layer.attn_norm(x + layer.dropout(out))
-    return layer.mlp_norm(x + layer.dropout(layer.mlp(x))), weights
+    drop = layer.dropout if layer.dropout is not None else (lambda h: h)  # no module at p = 0
+    x = layer.attn_norm(x + drop(out))
+    return layer.mlp_norm(x + drop(layer.mlp(x))), weights
 
 
 def _check_shape(name: str, t, shape: torch.Size) -> None:

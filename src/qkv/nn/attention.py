@@ -160,17 +160,21 @@ class MultiHeadAttention(nn.Module):
                     positions, end = cache.rope_positions, cache.position_end
                 rope = rope.rotation(positions, q.shape[2], dtype=q.dtype, device=q.device, end=end)
             q, k = rope(q), rope(k)
+        offsets = {}
         if cache is not None:
             k, v, mask = cache.update(k, v)
             score_mod = cache.remap_score_mod(score_mod)
+            q_offset, k_offset = getattr(cache, "offsets", (None, 0))
+            if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
+                offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
         dropout_p = self.dropout if self.training else 0.0
         sink = self.sink_logits is not None
         if isinstance(self.attention, str) and self.attention == "exact":
             result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
-                                backend=backend)
+                                backend=backend, **offsets)
         else:  # approximate or sparse attention (qkv.linear.swap)
             result = _swap.attend(self.attention, q, k, v, mask, features=self.performer, score_mod=score_mod,
-                                  dropout_p=dropout_p, return_lse=sink, backend=backend)
+                                  dropout_p=dropout_p, return_lse=sink, backend=backend, **offsets)
         out, gate = result, None
         if sink:
             out, lse = result
@@ -180,7 +184,8 @@ class MultiHeadAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim))
         if not need_weights:
             return out
-        weights = _attention_weights(q, k, mask=_swap.weights_mask(self.attention, mask), score_mod=score_mod)
+        weights = _attention_weights(q, k, mask=_swap.weights_mask(self.attention, mask), score_mod=score_mod,
+                                     **offsets)
         if gate is not None:
             weights = weights * gate.unsqueeze(-1).to(weights.dtype)
         return out, weights.mean(dim=1) if average_attn_weights else weights

@@ -319,7 +319,7 @@ class Decoder(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos=None, *, lengths=None, cache=None,
                  generator: torch.Generator | None = None, memory: Tensor | None = None, memory_mask=None,
-                 backend: str | None = None) -> Tensor:
+                 backend: str | None = None, compile: bool | dict = False) -> Tensor:
         """Sample up to ``max_new_tokens`` tokens after each prompt.
 
         The prompts run through the model once (prefill, filling the cache); then each new token
@@ -342,12 +342,20 @@ class Decoder(nn.Module):
                 decoding from it, feed that last token first.
             generator: random source for sampling.
             memory, memory_mask, backend: as for :meth:`forward`.
+            compile: decode with a fixed-shape step compiled by ``torch.compile(fullgraph=True)``
+                (:mod:`qkv.nn.compiled`; on CUDA with ``mode="reduce-overhead"``, CUDA graphs); a
+                dict instead of True is passed to ``torch.compile`` as options. Needs a
+                :class:`~qkv.cache.KVCache` (the default; reused across calls of the same size so
+                the compiled step is too), RoPE/learned/sinusoidal/no positions, no sinks, no
+                cross-attention. The first call of a size compiles (seconds); the prefill and the
+                first step run eagerly.
 
         Returns:
             ``(B, T)`` int64 new token ids, ``T <= max_new_tokens`` (fewer if all rows hit ``eos``).
         """
         return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos, lengths=lengths,
-                        cache=cache, generator=generator, memory=memory, memory_mask=memory_mask, backend=backend)
+                        cache=cache, generator=generator, memory=memory, memory_mask=memory_mask, backend=backend,
+                        compile=compile)
 
 
 def _check_cache(cache) -> None:

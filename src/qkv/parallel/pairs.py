@@ -42,7 +42,8 @@ class GlobalMask:
             raise TypeError(f"mask must be None, a qkv Mask, or a bool/float tensor over the whole sequence, "
                             f"got {type(mask).__name__}")
         if mask.dtype != torch.bool and not mask.is_floating_point():
-            raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), got {mask.dtype}")
+            raise TypeError(f"mask must be bool (True = may attend) or floating (added to the scores), "
+                            f"got {mask.dtype}")
         if mask.dim() > 4:
             raise ValueError(f"mask: expected at most 4 dims (B, H, N, N), got shape {tuple(mask.shape)}")
         if mask.device != torch.device(device):

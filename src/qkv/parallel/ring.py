@@ -17,10 +17,17 @@ the upstream pair ``(w dout, w (rowdot(dout, o_s) - rowdot(dout, out) + dlse))``
 ``w = exp(lse_s - lse)`` is the block's weight in the merge; it is obtained by autograd through the
 block's :func:`qkv.attention` call (any backend, mask, score modifier). ``dq`` stays home; ``dk``,
 ``dv`` of shard ``j`` are accumulated as the shard travels and the total returns to rank ``j``.
+
+Message order. Each rank sends only to ``r + 1`` (K/V shards, accumulators on their way) and, once
+per shard, an accumulator home to its owner, at step ``reach[j]``; the owner posts that receive at
+the same step, after its ring receives. So every pair of ranks posts matching sends and receives in
+the same order (NCCL matches point-to-point messages by order, gloo by tag), nobody ever waits for
+a message whose receive is posted later, and at most two accumulators per rank are in flight.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 import weakref
 from collections.abc import Callable
@@ -118,8 +125,8 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, group=None, la
     total = sum(lengths)
     gmask = GlobalMask(mask, q.shape[0], q.shape[1], total, q.device)
     mod = as_score_mod(score_mod)
-    if mod is not None:
-        mod.bind(q.shape[0], q.shape[1], total, total, q.device)
+    if mod is not None:  # checked against the whole sequence; built-in constant tables moved to q's device
+        mod = mod.bind(q.shape[0], q.shape[1], total, total, q.device)
     plan = _plan(mask, gmask, pieces)
     run = _Ring(ring, plan, gmask, mod, problem.scale, backend, stats)
     if stats is not None:
@@ -298,8 +305,9 @@ class _Ring:
         leaf_extras = [t.detach().requires_grad_(n) for t, n in zip(extras, needs[3:])]
         n_mod = len(self.score_mod.tensors) if self.score_mod is not None else 0
         mod = None
-        if self.score_mod is not None:
-            mod = ScoreMod(self.score_mod.fn, tuple(leaf_extras[:n_mod]), name=self.score_mod.name)
+        if self.score_mod is not None:  # the same modifier over leaf copies of its tensors
+            mod = copy.copy(self.score_mod)
+            mod.tensors = tuple(leaf_extras[:n_mod])
         mask = self.mask.with_bias(leaf_extras[n_mod]) if self.mask.is_bias else self.mask
         leaves = {"score_mod": mod, "mask": mask, "extras": leaf_extras}
         d_extras = [torch.zeros_like(t, dtype=cdt) if n else None for t, n in zip(extras, needs[3:])]
@@ -307,7 +315,8 @@ class _Ring:
         q_runs = self.local_runs(r)
         current = self.pack(k, v)
         own = None                    # dk/dv of this rank's own keys from its own queries
-        sends = []                    # accumulators in flight, waited for at the end
+        sends = []                    # accumulators in flight
+        coming_home = back = None     # the total for this rank's own keys, posted at step reach[r]
         sent_before = ring.bytes_sent
         for step in range(plan.steps):
             j = plan.shard(r, step)
@@ -320,13 +329,18 @@ class _Ring:
                 messages.insert(0, ("recv", grad_in, ring.prev, GRAD))
             pending = ring.start(messages, f"K/V and gradients of rank {j} (backward step {step + 1} of "
                                            f"{plan.steps}) from rank {ring.prev}")
+            if step == plan.reach[r] > 0:  # the accumulator of this rank's keys comes home this step
+                source = (r + step) % self.world
+                back = torch.empty(self.shard_numel(r, k, v), dtype=cdt, device=q.device)
+                coming_home = ring.start([("recv", back, source, HOME)],
+                                         f"the K/V gradients of this rank's keys from rank {source}")
             self._sync(q.device)
             t0 = self._clock()
             contribution = None
             if plan.computes(r, step):
                 kj, vj = self.unpack(current, j, k, v)
-                dkj, dvj = torch.zeros(kj.shape, dtype=cdt, device=q.device), torch.zeros(vj.shape, dtype=cdt,
-                                                                                          device=q.device)
+                contribution = torch.zeros(self.shard_numel(j, k, v), dtype=cdt, device=q.device)
+                dkj, dvj = self.unpack(contribution, j, k, v)  # views: filled in place, sent as one buffer
                 k_runs = self.local_runs(j)
                 for a, c in plan.blocks[r][j]:
                     (qs, qn, q0), (ks, kn, k0) = q_runs[a], k_runs[c]
@@ -340,7 +354,6 @@ class _Ring:
                     for i, grad in enumerate(g[3:]):
                         if grad is not None and d_extras[i] is not None:
                             d_extras[i] += grad
-                contribution = self.pack(dkj, dvj, cdt)
             self._sync(q.device)
             self._timed("backward_compute_s", t0)
             t0 = self._clock()
@@ -356,14 +369,13 @@ class _Ring:
                 home = plan.reach[j] == step
                 sends.append(ring.start([("send", acc, j if home else ring.next, HOME if home else GRAD)],
                                         f"delivery of the K/V gradients of rank {j}"))
+                if len(sends) > 2:  # at most two accumulators in flight: memory stays O(shard)
+                    ring.wait(sends.pop(0))
             sent_before = self._count_sent("backward_sent", sent_before)
             current = incoming
         total = own
-        if plan.reach[r] >= 1:        # the accumulator of this rank's keys comes home
-            back = torch.empty(self.shard_numel(r, k, v), dtype=cdt, device=q.device)
-            source = (r + plan.reach[r]) % self.world
-            home = ring.start([("recv", back, source, HOME)], f"the K/V gradients of this rank's keys from rank {source}")
-            ring.wait(home)
+        if plan.reach[r] > 0:
+            ring.wait(coming_home)
             total = back if total is None else total + back
         for pending in sends:
             ring.wait(pending)
