@@ -146,6 +146,8 @@ def merge_over_batch_and_heads(kinds: Tensor) -> Tensor:
     return merge_kinds(kinds)
 
 
+
+
 def count_tiles(allowed: Tensor, block_q: int, block_k: int) -> Tensor:
     """Tile kinds of a boolean matrix ``allowed`` of shape ``(..., R, C)``.
 
@@ -232,6 +234,13 @@ class Mask:
         This default evaluates the mask chunk by chunk (exact, ``O(Nq * Nk)`` work, ``O(Nk)``
         memory per chunk); built-in masks override it with an ``O(tiles)`` analytic version."""
         return evaluate_block_kinds(self, grid, batch, heads)
+
+    @property
+    def analytic_block_view(self) -> bool:
+        """True when :meth:`block_kinds` is computed from tile bounds (``O(tiles)``), False when it
+        would evaluate the mask element by element (``O(Nq * Nk)``): the dispatcher then estimates
+        without it."""
+        return type(self).block_kinds is not Mask.block_kinds
 
     def _bound_copy(self, **fields) -> Mask:
         """A copy of this mask with ``fields`` replaced: how :meth:`bind` specialises a mask to
@@ -418,6 +427,7 @@ class Document(Mask):
             _int_vector("document: q_segment_ids", q_segment_ids, allow_2d=True))
         self.causal = bool(causal)
         self._positions = None
+        self._sorted = None  # are the ids non-decreasing along each row? (found once, see block_kinds)
 
     @staticmethod
     def _as_rows(ids: Tensor) -> Tensor:
@@ -448,6 +458,9 @@ class Document(Mask):
             segment_ids=self.segment_ids.to(device), _positions=pos.to(device),
             q_segment_ids=None if self.q_segment_ids is None else self.q_segment_ids.to(device))
 
+    def _table_versions(self) -> tuple:
+        return tuple(None if t is None else t._version for t in (self.segment_ids, self.q_segment_ids))
+
     def _query_ids(self, b: Tensor, q: Tensor) -> Tensor:
         if self.q_segment_ids is not None:
             if self._positions is None:
@@ -465,9 +478,11 @@ class Document(Mask):
         return same & (k <= q) if self.causal else same
 
     def block_kinds(self, grid, batch, heads):
-        sorted_ids = all(ids is None or bool((ids[:, 1:] >= ids[:, :-1]).all())
-                         for ids in (self.segment_ids, self.q_segment_ids))
-        if not sorted_ids:
+        if self._sorted is None or self._sorted[0] != self._table_versions():
+            sorted_ids = all(ids is None or bool((ids[:, 1:] >= ids[:, :-1]).all())
+                             for ids in (self.segment_ids, self.q_segment_ids))
+            self._sorted = (self._table_versions(), sorted_ids)  # one host sync per table, not per call
+        if not self._sorted[1]:
             return evaluate_block_kinds(self, grid, batch, heads)
         kf, kl = grid.key_bounds()
         if self.q_segment_ids is None:
@@ -664,6 +679,10 @@ class FunctionMask(Mask):
 class _Combined(Mask):
     def __init__(self, *parts: Mask):
         self.parts = parts
+
+    @property
+    def analytic_block_view(self) -> bool:
+        return all(p.analytic_block_view for p in self.parts)
 
     def bind(self, batch, heads, nq, nk, device, positions=None):
         return type(self)(*(bind_mask(p, batch, heads, nq, nk, device, positions) for p in self.parts))

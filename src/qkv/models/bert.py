@@ -226,10 +226,15 @@ def _layer_with_weights(layer: TransformerBlock, x: Tensor, mask, backend: str |
     residual and its weights are returned (calling the block and, separately, its attention for
     the weights would compute the attention twice).
     """
-    out, weights = layer.attn(x, mask=mask, need_weights=True, average_attn_weights=False, backend=backend)
-    drop = layer.dropout if layer.dropout is not None else (lambda h: h)  # no module at p = 0
-    x = layer.attn_norm(x + drop(out))
-    return layer.mlp_norm(x + drop(layer.mlp(x))), weights
+    kept = {}
+
+    def attend(h: Tensor) -> Tensor:
+        out, kept["weights"] = layer.attn(h, mask=mask, need_weights=True, average_attn_weights=False,
+                                          backend=backend)
+        return out
+
+    x = layer._residual(x, layer.attn_norm, attend)  # the block's own residual: same norms and dropout
+    return layer._residual(x, layer.mlp_norm, layer.mlp), kept["weights"]
 
 
 def _check_shape(name: str, t, shape: torch.Size) -> None:
