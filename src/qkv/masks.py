@@ -315,6 +315,10 @@ class Causal(Mask):
         return "causal()"
 
 
+#: The widest window a mask stores: wider ones (``sliding_window(10**30)``) mean the same.
+WIDEST_WINDOW = 1 << 53
+
+
 class SlidingWindow(Mask):
     """Key ``k`` is visible from query ``q`` iff ``q - left <= k <= q + right``."""
 
@@ -324,7 +328,8 @@ class SlidingWindow(Mask):
                 raise TypeError(f"sliding_window: {name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"sliding_window: {name} must be >= 0, got {value}")
-        self.left, self.right = left, right
+        # Wider than any sequence is unbounded; capped so that position arithmetic stays in int64.
+        self.left, self.right = min(left, WIDEST_WINDOW), min(right, WIDEST_WINDOW)
 
     def allowed(self, b, h, q, k):
         return (k >= q - self.left) & (k <= q + self.right)
@@ -342,6 +347,8 @@ class SlidingWindow(Mask):
 
 def _int_vector(name: str, value, *, allow_2d: bool = False) -> Tensor:
     """An int64 tensor from an int, a sequence of ints or an integer tensor."""
+    if not isinstance(value, Tensor) and isinstance(value, (list, tuple)) and len(value) == 0:
+        value = torch.zeros(0, dtype=torch.int64)  # torch.as_tensor([]) would be float32
     t = value if isinstance(value, Tensor) else torch.as_tensor(value)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
@@ -651,7 +658,19 @@ class FunctionMask(Mask):
         self.fn, self.name = fn, name or getattr(fn, "__name__", "fn")
 
     def allowed(self, b, h, q, k):
-        return self.fn(b, h, q, k)
+        out = self.fn(b, h, q, k)
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"from_function({self.name}): fn must return a bool tensor (True = may attend), "
+                            f"got {got}; for a float bias pass a float tensor as mask, or use score_mod")
+        shape = torch.broadcast_shapes(b.shape, h.shape, q.shape, k.shape)
+        try:
+            if torch.broadcast_shapes(out.shape, shape) != shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"from_function({self.name}): fn returned shape {tuple(out.shape)}, which does not "
+                             f"broadcast to the index tensors' shape {tuple(shape)}") from None
+        return out
 
     def __repr__(self):
         return f"from_function({self.name})"
@@ -696,6 +715,9 @@ class Or(_Combined):
 
 
 class Not(_Combined):
+    def __invert__(self) -> Mask:
+        return self.parts[0]  # ~~m is m: any number of ~ stays one level deep
+
     def allowed(self, b, h, q, k):
         return ~self.parts[0].allowed(b, h, q, k)
 
@@ -721,11 +743,14 @@ class PrefixLM(Mask):
         return self._bound_copy(prefix_len=self.prefix_len.to(device))
 
     def allowed(self, b, h, q, k):
-        return _in_key_prefix(self.prefix_len, b, k) | (k <= q)
+        # Queries at negative positions (Nq > Nk) see nothing, the prefix included.
+        return (_in_key_prefix(self.prefix_len, b, k) & (q >= 0)) | (k <= q)
 
     def block_kinds(self, grid, batch, heads):
         prefix = _key_prefix_kinds(self.prefix_len.to(grid.device), grid)
-        return torch.maximum(prefix, Causal().block_kinds(grid, batch, heads))
+        qf, ql = grid.query_bounds()
+        real_queries = tile_kinds(ql < 0, qf >= 0)  # (B|1, 1, nQB, 1): tiles of negative positions
+        return torch.maximum(torch.minimum(prefix, real_queries), Causal().block_kinds(grid, batch, heads))
 
     def __repr__(self):
         return f"prefix_lm({self.prefix_len.tolist()})"
@@ -744,7 +769,8 @@ def causal() -> Mask:
 
 def sliding_window(left: int, right: int = 0) -> Mask:
     """Local attention: query at position ``q`` sees keys ``q - left ..= q + right``.
-    ``sliding_window(w)`` is causal local attention over the current and ``w`` previous tokens."""
+    ``sliding_window(w)`` is causal local attention over the current and ``w`` previous tokens.
+    A side wider than ``2**53`` positions is stored as ``2**53`` (the same, for any sequence)."""
     return SlidingWindow(left, right)
 
 
@@ -764,7 +790,9 @@ def prefix_lm(prefix_len) -> Mask:
 
 
 def global_tokens(indices: Sequence[int] | Tensor) -> Mask:
-    """Tokens at ``indices`` (positions) see everything and are seen by everything."""
+    """Tokens at ``indices`` (positions) see everything and are seen by everything.
+    ``global_tokens([])`` marks no token: alone it hides everything, and ``m | global_tokens([])``
+    is ``m``."""
     return GlobalTokens(indices)
 
 

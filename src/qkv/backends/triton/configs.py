@@ -45,7 +45,7 @@ def candidates(direction: str, head_dim: int) -> list[Config]:
     if head_dim <= 64:
         return [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 128, 8, 2)]
     if head_dim <= 128:
-        return [Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 64, 4, 2), Config(128, 64, 8, 2)]
+        return [Config(64, 64, 8, 2), Config(64, 64, 4, 2), Config(32, 64, 4, 2), Config(128, 64, 8, 2)]
     return [Config(32, 32, 4, 1), Config(64, 32, 8, 1), Config(32, 64, 8, 1)]
 
 

@@ -131,19 +131,19 @@ def _leaf(CODE: tl.constexpr, slot, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos
 @triton.jit
 def _mask_program(MASK_INTS, MASK_DATA, truth, b, h, rows, qpos, kpos,
                   L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr):
-    """Evaluate up to five leaves, combine them through the truth table."""
-    idx = (qpos * 0 + kpos * 0).to(tl.int64)
+    """Evaluate up to five leaves, combine them through the truth table (32 bits, int32)."""
+    idx = qpos * 0 + kpos * 0
     if L0 != 0:
-        idx = idx | _leaf(L0, 0, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64)
+        idx = idx | _leaf(L0, 0, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32)
     if L1 != 0:
-        idx = idx | (_leaf(L1, 1, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64) << 1)
+        idx = idx | (_leaf(L1, 1, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32) << 1)
     if L2 != 0:
-        idx = idx | (_leaf(L2, 2, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64) << 2)
+        idx = idx | (_leaf(L2, 2, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32) << 2)
     if L3 != 0:
-        idx = idx | (_leaf(L3, 3, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64) << 3)
+        idx = idx | (_leaf(L3, 3, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32) << 3)
     if L4 != 0:
-        idx = idx | (_leaf(L4, 4, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64) << 4)
-    return ((truth.to(tl.int64) >> idx) & 1) != 0
+        idx = idx | (_leaf(L4, 4, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32) << 4)
+    return ((truth >> idx) & 1) != 0
 
 
 @triton.jit
