@@ -182,9 +182,9 @@ def environment() -> dict:
 
 
 def format_ratio(x: float) -> str:
-    """A speed ratio that never rounds to ``0.0x``: ``16x``, ``1.38x``, ``0.042x``."""
+    """A speed ratio that never rounds to ``0.0x``: ``16.4x``, ``1.38x``, ``0.042x``."""
     if x >= 10:
-        return f"{x:.0f}x"
+        return f"{x:.1f}x"
     if x >= 0.1:
         return f"{x:.2f}x"
     return f"{x:.2g}x"

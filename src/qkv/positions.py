@@ -138,15 +138,26 @@ class Positions:
         lo, hi = _span(self.k_offset)
         return lo, hi + self.nk - 1
 
+    def select(self, b0: int, b1: int | None) -> Positions:
+        """The positions of batch elements ``b0:b1`` (tensor offsets sliced)."""
+        cut = (lambda o: o[b0:b1] if isinstance(o, Tensor) else o)
+        return Positions(self.nq, self.nk, cut(self.q_offset), cut(self.k_offset), self.explicit)
+
     def to(self, device) -> Positions:
         """The same positions with tensor offsets on ``device``."""
         move = (lambda o: o.to(device) if isinstance(o, Tensor) else o)
         return Positions(self.nq, self.nk, move(self.q_offset), move(self.k_offset), self.explicit)
 
-    def key(self) -> tuple:
-        """A hashable summary (for caches): ints, or the identity of offset tensors."""
-        ident = (lambda o: ("t", id(o), o._version) if isinstance(o, Tensor) else o)
-        return self.nq, self.nk, ident(self.q_offset), ident(self.k_offset)
+    def cache_key(self) -> tuple | None:
+        """A hashable summary of the positions, for caching what depends on them; None when an
+        offset is a tensor off the CPU (reading it would cost a host sync: not cached)."""
+        def value(o):
+            if not isinstance(o, Tensor):
+                return o
+            return tuple(o.tolist()) if o.device.type == "cpu" else None
+
+        q, k = value(self.q_offset), value(self.k_offset)
+        return None if q is None or k is None else (self.nq, self.nk, q, k)
 
     def __repr__(self):
         show = (lambda o: o.tolist() if isinstance(o, Tensor) else o)

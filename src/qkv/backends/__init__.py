@@ -7,9 +7,11 @@ estimates its run time, and runs. :mod:`qkv.dispatch` picks among the registered
 from __future__ import annotations
 
 from .base import Backend
+from .capabilities import Capabilities, reasons
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend, TileSizes
+from .triton import TritonBackend
 
 REGISTRY: dict[str, Backend] = {}
 
@@ -19,7 +21,8 @@ def register(backend: Backend) -> None:
     REGISTRY[backend.name] = backend
 
 
-for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend()):
+for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), TritonBackend()):
     register(_backend)
 
-__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend"]
+__all__ = ["Backend", "Capabilities", "reasons", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes",
+           "SdpaBackend", "TritonBackend"]

@@ -17,6 +17,7 @@ import argparse
 import torch
 
 from qkv import bench
+from qkv.commands import bench_scaling
 
 from .usage import UsageError, positive
 
@@ -47,6 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time compiled FlexAttention (compiles once per shape: slow; default: off)")
     timing.add_argument("--json", metavar="PATH", help="write every run's time with device, versions and date "
                                                        "(default: none)")
+    bench_scaling.add_arguments(parser)
+    timing.add_argument("--gpu-suite", action="store_true",
+                        help="CUDA only: run the triton backend's GPU benchmark (benchmarks/gpu_attention.py) "
+                             "with its defaults instead, writing --json (default: gpu_attention.json)")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -64,6 +69,10 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.scaling:
+        return bench_scaling.run(args)
+    if args.gpu_suite:
+        return _gpu_suite(args)
     check_options(args)
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "debug")}
     env = bench.environment()
@@ -97,3 +106,14 @@ def report(rows: list[bench.Row], args: argparse.Namespace) -> None:
     notes = sorted({f"{name}: {why}" for r in rows for name, why in r.notes.items()})
     if notes:
         print("\nnot run: " + "\n         ".join(notes))
+
+
+def _gpu_suite(args: argparse.Namespace) -> int:
+    """``--gpu-suite``: the triton backend's GPU benchmark (see ``qkv.backends.triton.benchmark``)."""
+    if not torch.cuda.is_available():
+        raise UsageError("--gpu-suite needs a CUDA device")
+    from qkv.backends.triton import benchmark
+
+    suite = argparse.ArgumentParser()
+    benchmark.add_arguments(suite)
+    return benchmark.main(suite.parse_args([] if args.json is None else ["--out", args.json]))

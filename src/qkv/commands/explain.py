@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .usage import UsageError, backend_name, existing_dir, existing_file, indices, positive
+from .usage import UsageError, backend_name, existing_dir, existing_file, index_list, indices, positive
 
 DEFAULT_TEXT = "The cat sat on the mat"
 #: Texts longer than this many tokens get the compact head view (top-k weights, one byte each).
@@ -38,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate", action="store_true",
                         help="explain the first 512 tokens of a longer text (default: refuse a text over the "
                              "model's limit)")
-    parser.add_argument("--layer", type=int, nargs="+", metavar="L", help="only these layers, 0-based (default: all)")
-    parser.add_argument("--head", type=int, nargs="+", metavar="H", help="only these heads, 0-based (default: all)")
+    parser.add_argument("--layer", type=index_list, metavar="L[,L...]",
+                        help="only these layers, 0-based, e.g. 2 or 0,2,5 (default: all)")
+    parser.add_argument("--head", type=index_list, metavar="H[,H...]",
+                        help="only these heads, 0-based, e.g. 8 or 0,8 (default: all)")
     parser.add_argument("--table", choices=("summary", "full", "none"), default="summary",
                         help="summary: one line per head; full: every token's most-attended keys; none")
     parser.add_argument("--out", default="out/explain", help="directory for attention.png and head_view.html")
@@ -78,7 +80,9 @@ def run(args: argparse.Namespace) -> int:
     progress.stage("running the encoder")
     with torch.no_grad():
         output = model(ids, output_attentions=True)
-    weights = torch.stack([a[0] for a in output.attentions])[layers][:, heads]  # (L, H, N, N)
+    weights = torch.stack([a[0] for a in output.attentions])  # (layers, heads, N, N), all of them
+    del output
+    chosen = weights[layers][:, heads]  # the --layer / --head selection, for the tables
     progress.stage("writing the table")
     width = shutil.get_terminal_size((100, 24)).columns
     lines = [f"{len(tokens)} tokens: {_shorten(' '.join(tokens), max(width * 3 - 12, 40))}"]
@@ -89,12 +93,13 @@ def run(args: argparse.Namespace) -> int:
         from .explain_table import full_table, summary_table
 
         if args.table == "summary":
-            lines += ["", f"what each head does, {len(layers)} layer(s) x {len(heads)} head(s) "
-                          "(--table full lists every token's most-attended keys):",
-                      summary_table(weights, tokens, layers, heads, width)]
+            lines += ["", _shorten(f"what each of {len(layers)} x {len(heads)} heads does (--table full: every "
+                                   "token's most-attended keys):", width),
+                      summary_table(chosen, tokens, layers, heads, width)]
         else:
-            lines += ["", full_table(weights, tokens, layers, heads, width)]
+            lines += ["", full_table(chosen, tokens, layers, heads, width)]
     progress.write("\n".join(lines))
+    del chosen
 
     title = _title(args, text, len(tokens))
     progress.stage("drawing the PNG")

@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="start afresh in an --out that already holds files, replacing its checkpoint "
                              "(default: refuse)")
     parser.add_argument("--steps", type=int, help=f"total optimizer steps (default {DEFAULTS.steps})")
-    parser.add_argument("--stop-after", type=int, metavar="N", help="stop this run after N steps (resume later)")
+    parser.add_argument("--stop-after", type=int, metavar="N", help="stop this run after N steps, to resume later (default: run to --steps)")
     parser.add_argument("--batch-size", type=int, help=f"windows per step (default {DEFAULTS.batch_size})")
     parser.add_argument("--context", type=int, help=f"bytes per training window (default {DEFAULTS.context})")
     parser.add_argument("--lr", type=float, help=f"peak learning rate (default {DEFAULTS.lr})")

@@ -23,11 +23,16 @@ class UsageError(Exception):
 
 class HelpFormatter(argparse.HelpFormatter):
     """argparse's formatter, with ``(default: X)`` appended to every option whose help does not
-    already say its default (flags that are off unless given say nothing)."""
+    already say its default (``(default: off)`` for flags; an option whose default is None must
+    say in its help what leaving it out does)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
+            return text
+        if isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)"
+        if action.default is None:
             return text
         value = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
         return f"{text} (default: {value})"
@@ -91,6 +96,15 @@ def backend_name(option: str, name: str | None) -> str | None:
     if name not in REGISTRY:
         raise UsageError(f"{option} must be one of {', '.join(REGISTRY)} (or left out: automatic), got {name!r}")
     return name
+
+
+def index_list(text: str) -> list[int]:
+    """An argparse ``type``: ``"2"`` or ``"0,2,5"`` -> ``[2]`` or ``[0, 2, 5]``."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        message = f"expected an index or a comma-separated list such as 0,5, got {text!r}"
+    raise argparse.ArgumentTypeError(message)
 
 
 def indices(option: str, values: list[int] | None, size: int, what: str) -> list[int]:

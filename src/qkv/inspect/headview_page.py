@@ -27,7 +27,9 @@ button { font-size: 13px; }
 #view rect.token-bg.selected { fill: #ffe9a8; }
 #main { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 12px 36px; }
 #view.compact text { font-size: 12px; }
-#details { font-size: 13px; margin-top: 24px; position: sticky; top: 8px; }
+#details { font-size: 13px; margin-top: 24px; }
+#columns.compact { max-height: calc(100vh - 190px); min-height: 300px; overflow-y: auto; border-top: 1px solid #eee;
+                   border-bottom: 1px solid #eee; }
 #details table { border-collapse: collapse; }
 #details td { padding: 2px 8px 2px 0; white-space: nowrap; }
 """
@@ -44,7 +46,7 @@ Left column: the token that attends (query); right column: the tokens it attends
 Line opacity = attention weight, one colour per head. Click a head's swatch to show or hide it,
 double-click to show only that head. <span id="note"></span></p>
 <div id="main">
-<svg id="view" width="10" height="10"></svg>
+<div id="columns"><svg id="view" width="10" height="10"></svg></div>
 <div id="details"></div>
 </div>
 """
@@ -117,7 +119,8 @@ PAGE_SCRIPT = r"""
   if (data.encoding === "uint8") notes.push("Weights are rounded to multiples of 1/255.");
   if (!allLines) notes.push(nq + " tokens: lines are drawn for one token at a time.");
   document.getElementById("note").textContent = notes.join(" ");
-  if (compact) svg.setAttribute("class", "compact");
+  var columnsBox = document.getElementById("columns");
+  if (compact) { svg.setAttribute("class", "compact"); columnsBox.className = "compact"; }
   var layerSelect = document.getElementById("layer");
   layerLabels.forEach(function (label, index) {
     var option = document.createElement("option");
@@ -294,6 +297,9 @@ PAGE_SCRIPT = r"""
       if (t >= 0 && t < limit) { state.token = t; state.pinned = true; }
     }
     draw();
+    if (state.token !== null && compact) {  // bring the chosen token to the middle of the token columns
+      columnsBox.scrollTop = Math.max(0, y(state.token) - columnsBox.clientHeight / 2);
+    }
   }
   window.addEventListener("hashchange", fromFragment);
   fromFragment();

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..backends.tiled import plan_runs
+from ..layout import plan_runs
 from ..problem import Problem, make_problem
 from ..validate import positive_int
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 from pathlib import Path
 
 import torch
@@ -95,7 +96,8 @@ def attention_grid_figure(weights, tokens, *, key_tokens=None, layers=None, head
 
     longest = 0 if maps.query_tokens is None else max(len(drawable(t)) for t in maps.query_tokens + maps.key_tokens)
     grid = _Layout(n_layers, n_heads, nq if maps.query_tokens is not None else None, single=single,
-                   label_room=0.075 * longest if maps.query_tokens is not None else 0.4, title=bool(title))
+                   label_room=0.075 * longest if maps.query_tokens is not None else 0.4,
+                   title=drawable(str(title)) if title else None)
     fig = Figure(figsize=grid.size)
     extent = (0, nk * block_k, nq * block_q, 0) if block else None
     axes = []
@@ -112,7 +114,7 @@ def attention_grid_figure(weights, tokens, *, key_tokens=None, layers=None, head
     bar = fig.colorbar(image, cax=fig.add_axes(grid.colour_bar()))
     bar.set_label("attention weight" + (" (pooled)" if block else ""))
     if title:
-        fig.suptitle(drawable(str(title)), fontsize=13, parse_math=False, y=1 - 0.12 / grid.size[1], va="top")
+        fig.suptitle(grid.title, fontsize=13, parse_math=False, y=1 - 0.12 / grid.size[1], va="top")
     return fig
 
 
@@ -123,7 +125,10 @@ class _Layout:
 
     GAP_W, GAP_H, PANEL_TITLE, BAR_GAP, BAR_W, BAR_LABELS = 0.15, 0.12, 0.3, 0.25, 0.18, 0.75
 
-    def __init__(self, rows: int, cols: int, tokens: int | None, *, single: bool, label_room: float, title: bool):
+    TITLE_LINE = 0.25  # inches per line of the 13-point title; about 0.1 inch per character
+
+    def __init__(self, rows: int, cols: int, tokens: int | None, *, single: bool, label_room: float,
+                 title: str | None):
         if tokens is None:
             self.side = 5.0 if single else 2.6
         else:
@@ -131,10 +136,14 @@ class _Layout:
         self.rows, self.cols = rows, cols
         self.left = 0.35 + label_room + 0.1
         self.bottom = 0.35 + label_room + 0.1
-        self.top = 0.6 if title else 0.15
         grid_w = cols * self.side + (cols - 1) * self.GAP_W
         self.grid_h = rows * (self.side + self.PANEL_TITLE) + (rows - 1) * self.GAP_H
         self.width = self.left + grid_w + self.BAR_GAP + self.BAR_W + self.BAR_LABELS
+        self.title = None
+        self.top = 0.15
+        if title:
+            self.title = textwrap.fill(title, width=max(20, int(self.width / 0.11)), break_long_words=True)
+            self.top = 0.35 + self.TITLE_LINE * (self.title.count("\n") + 1)
         self.height = self.bottom + self.grid_h + self.top
         self.bar_x = self.left + grid_w + self.BAR_GAP
 
