@@ -44,7 +44,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
     if problem.is_empty:
         out, lse = _empty_result(problem)
     else:
-        out, lse = REGISTRY[choose(problem, backend).chosen].run(problem)
+        out, lse = REGISTRY[choose(problem, backend, learn=True).chosen].run(problem)
     return (out, lse) if return_lse else out
 
 

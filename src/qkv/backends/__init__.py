@@ -7,6 +7,7 @@ estimates its run time, and runs. :mod:`qkv.dispatch` picks among the registered
 from __future__ import annotations
 
 from .base import Backend
+from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend, TileSizes
@@ -19,7 +20,7 @@ def register(backend: Backend) -> None:
     REGISTRY[backend.name] = backend
 
 
-for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend()):
+for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), FlexBackend()):
     register(_backend)
 
-__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend"]
+__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend", "FlexBackend"]
