@@ -65,8 +65,18 @@ def positions(problem: Problem) -> tuple[Tensor, Tensor]:
     k_off = getattr(p, "k_offset", None)
     if q_off is None:  # today's rule: bottom-right aligned, keys from 0
         q_off, k_off = p.nk - p.nq, 0
-    as_vector = lambda x: torch.as_tensor(x, dtype=torch.int64, device=dev).reshape(-1).expand(p.batch)  # noqa: E731
-    return as_vector(q_off).contiguous(), as_vector(k_off).contiguous()
+    vectors = [torch.as_tensor(x, dtype=torch.int64, device=dev).reshape(-1).expand(p.batch).contiguous()
+               for x in (q_off, k_off)]
+    for t in vectors:
+        _dynamic(t)
+    return vectors[0], vectors[1]
+
+
+def _dynamic(t: Tensor) -> Tensor:
+    """Ask torch.compile not to specialise on ``t``'s sizes (it still may, on sizes 0 and 1)."""
+    for dim in range(t.dim()):
+        torch._dynamo.maybe_mark_dynamic(t, dim)
+    return t
 
 
 def tensorized(mask: Mask, device) -> Mask:
@@ -78,6 +88,9 @@ def tensorized(mask: Mask, device) -> Mask:
         return type(mask)(*(tensorized(m, device) for m in parts))
     if type(mask).__module__ != "qkv.masks":
         return mask
+    for value in vars(mask).values():
+        if isinstance(value, Tensor):
+            _dynamic(value)
     ints = {name: torch.tensor(value, dtype=torch.int64, device=device) for name, value in vars(mask).items()
             if isinstance(value, int) and not isinstance(value, bool)}
     if not ints:
@@ -175,6 +188,8 @@ def kv_blocks(problem: Problem) -> KvBlocks:
 def block_mask(problem: Problem) -> BlockMask:
     """The problem's ``BlockMask``, built from its block view in ``O(tiles)``."""
     blocks = kv_blocks(problem)
+    for t in (blocks.kv_num_blocks, blocks.full_kv_num_blocks, blocks.kv_indices, blocks.full_kv_indices):
+        _dynamic(t)
     return BlockMask.from_kv_blocks(
         blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
         BLOCK_SIZE=BLOCK, mask_mod=mask_mod(problem), seq_lengths=(problem.nq, problem.nk),
@@ -185,19 +200,24 @@ def block_mask(problem: Problem) -> BlockMask:
 # The compiled call, and counting its compilations
 # --------------------------------------------------------------------------------------------
 
-_COMPILES = [0]
+_GRAPHS = [0]
 
 
 def compile_count() -> int:
-    """How many graphs qkv's compiled Flex function has compiled so far in this process (first
-    compilations and recompilations alike)."""
-    return _COMPILES[0]
+    """How many compiled versions of qkv's Flex functions exist in this process: one per problem
+    kind, plus one per recompilation (dynamo's cache entries; graphs handed to inductor where
+    that is not available)."""
+    try:
+        from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    except ImportError:  # pragma: no cover
+        return _GRAPHS[0]
+    return sum(len(_debug_get_cache_entry_list(code)) for code in _CODES)
 
 
 def _counting_inductor(graph, example_inputs):
     from torch._inductor.compile_fx import compile_fx
 
-    _COMPILES[0] += 1
+    _GRAPHS[0] += 1
     return compile_fx(graph, example_inputs)
 
 
@@ -216,6 +236,7 @@ def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
 #: One compiled function per problem kind (:func:`signature`), each with its own code object, so
 #: that dynamo's recompile limit (per code object) counts the recompilations of one kind only.
 _COMPILED: dict[tuple, object] = {}
+_CODES: list = []
 #: Kinds that have run compiled in this process (their kernels are ready).
 _READY: set[tuple] = set()
 #: Ski rental: per kind, the seconds other backends spent beyond flex's estimate on auto calls.
@@ -227,6 +248,7 @@ def _compiled_for(sig: tuple):
     if fn is None:
         code = _call_flex.__code__.replace(co_name=f"_call_flex_{len(_COMPILED)}")
         fresh = types.FunctionType(code, _call_flex.__globals__, code.co_name)
+        _CODES.append(code)
         fn = _COMPILED[sig] = torch.compile(fresh, dynamic=True, backend=_counting_inductor)
     return fn
 
@@ -430,6 +452,12 @@ class FlexBackend:
         p = problem
         sig = signature(p) if self.compiled else None
         call = _compiled_for(sig) if self.compiled else _call_flex
+        if self.compiled:  # sizes vary between calls: no specialisation (0/1 are special anyway)
+            for t in (p.q, p.k, p.v):
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+            if p.bias is not None:
+                _dynamic(p.bias)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*flex_attention.*")
             warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
