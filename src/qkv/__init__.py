@@ -10,6 +10,7 @@ from .attention import attention, attention_weights
 from .dispatch import explain_dispatch
 from .masks import (Mask, block_sparse, causal, document, from_function, from_tensor, global_tokens,
                     key_padding, prefix_lm, sliding_window)
+from .sparse_patterns import bigbird, dilated_window, longformer, sparse_fixed, sparse_strided
 
 __version__ = "0.1.0"
 
@@ -17,4 +18,5 @@ __all__ = [
     "attention", "attention_weights", "explain_dispatch", "masks", "scores", "Mask",
     "causal", "sliding_window", "key_padding", "document", "prefix_lm", "global_tokens",
     "block_sparse", "from_tensor", "from_function",
+    "longformer", "bigbird", "dilated_window", "sparse_strided", "sparse_fixed",
 ]

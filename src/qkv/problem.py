@@ -90,7 +90,9 @@ class Problem:
 
     @property
     def is_empty(self) -> bool:
-        return 0 in (self.batch, self.q_heads, self.nq, self.nk, self.v_dim)
+        """Nothing to compute: a zero-sized dimension (``Dv = 0`` only when no ``lse`` is asked for,
+        since the log-sum-exp of the scores does not depend on ``Dv``)."""
+        return 0 in (self.batch, self.q_heads, self.nq, self.nk) or (self.v_dim == 0 and not self.return_lse)
 
     @cached_property
     def requires_grad(self) -> bool:

@@ -16,40 +16,79 @@ from ..problem import Problem
 from . import costs
 
 
-def scores(problem: Problem) -> Tensor:
+def hidden_entries(problem: Problem) -> Tensor | None:
+    """Bool ``(B|1, Hq|1, Nq, Nk)``: True where the mask (a bool mask, or ``-inf`` in a float mask)
+    hides the key from the query; None when nothing is hidden."""
+    p = problem
+    hidden = None
+    if p.mask is not None:
+        b, h, qi, ki = position_grid(p.batch, p.q_heads, p.nq, p.nk, p.index_device)
+        hidden = ~p.mask.allowed(b, h, qi, ki)
+    if p.bias is not None:
+        minus_inf = p.bias == float("-inf")
+        hidden = minus_inf if hidden is None else hidden | minus_inf
+    return hidden
+
+
+def scores(problem: Problem, hidden: Tensor | None = None, k: Tensor | None = None) -> Tensor:
     """Scaled, modified, biased and masked scores ``(B, Hq, Nq, Nk)`` in the compute dtype;
-    disallowed entries are ``-inf``."""
+    entries ``hidden`` (default: :func:`hidden_entries`) are ``-inf``. ``k`` replaces the
+    problem's keys (the sanitised ones of :func:`visible_keys_only`)."""
     p = problem
     dtype = p.compute_dtype
+    if hidden is None:
+        hidden = hidden_entries(p)
     q = p.q.to(dtype)
-    k = p.k.to(dtype).repeat_interleave(p.group, dim=1)
+    k = (p.k if k is None else k).to(dtype).repeat_interleave(p.group, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) * p.scale
     b, h, qi, ki = position_grid(p.batch, p.q_heads, p.nq, p.nk, p.index_device)
     if p.score_mod is not None:
         s = p.score_mod(s, b, h, qi, ki)
     if p.bias is not None:
         s = s + p.bias.to(dtype)
-    if p.mask is not None:
-        s = s.masked_fill(~p.mask.allowed(b, h, qi, ki), float("-inf"))
+    if hidden is not None:
+        s = s.masked_fill(hidden, float("-inf"))
     return s
+
+
+def visible_keys_only(problem: Problem, hidden: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``k, v`` with zeros at the keys that ``hidden`` hides from every query (of every head in
+    the key's group): whatever those slots hold (NaN, inf, garbage) then reaches no output or
+    gradient."""
+    p = problem
+    if hidden is None:
+        return p.k, p.v
+    seen = (~hidden).any(dim=-2)  # (B|1, Hq|1, Nk)
+    if seen.shape[1] > 1:
+        seen = seen.reshape(seen.shape[0], p.kv_heads, p.group, p.nk).any(dim=2)
+    seen = seen.unsqueeze(-1)
+    return torch.where(seen, p.k, 0), torch.where(seen, p.v, 0)
 
 
 def softmax_with_lse(s: Tensor) -> tuple[Tensor, Tensor]:
     """Softmax over the last dim and its log-sum-exp. A row that is all ``-inf`` gets zero weights
-    and ``lse = -inf`` (no NaN, in value or gradient)."""
+    and ``lse = -inf`` (no NaN, in value or gradient); a row holding NaN or ``+inf`` gets NaN
+    weights and ``lse = NaN`` (never a silent zero)."""
     row_max = s.amax(dim=-1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).detach()
-    e = torch.exp(s - row_max)
+    finite = torch.isfinite(row_max)
+    shift = torch.where(finite, row_max, torch.zeros_like(row_max)).detach()
+    e = torch.exp(s - shift)
     total = e.sum(dim=-1, keepdim=True)
-    seen = total > 0
-    safe_total = torch.where(seen, total, torch.ones_like(total))
-    lse = torch.where(seen, torch.log(safe_total) + row_max, torch.full_like(total, float("-inf")))
+    empty = row_max == float("-inf")
+    safe_total = torch.where(empty, torch.ones_like(total), total)
+    lse = torch.where(empty, torch.full_like(total, float("-inf")), torch.log(safe_total) + shift)
+    lse = torch.where(finite | empty, lse, torch.full_like(lse, float("nan")))
     return e / safe_total, lse.squeeze(-1)
 
 
-def attention_weights(problem: Problem) -> tuple[Tensor, Tensor]:
+def attention_weights(problem: Problem, hidden: Tensor | None = None,
+                      k: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Attention weights ``(B, Hq, Nq, Nk)`` (before dropout) and ``lse (B, Hq, Nq)``."""
-    return softmax_with_lse(scores(problem))
+    if hidden is None:
+        hidden = hidden_entries(problem)
+    if k is None:
+        k = visible_keys_only(problem, hidden)[0]
+    return softmax_with_lse(scores(problem, hidden, k))
 
 
 def apply_dropout(weights: Tensor, problem: Problem) -> Tensor:
@@ -71,9 +110,11 @@ class ReferenceBackend:
         return costs.reference(problem)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
-        weights, lse = attention_weights(problem)
+        hidden = hidden_entries(problem)
+        k, v = visible_keys_only(problem, hidden)
+        weights, lse = attention_weights(problem, hidden, k)
         if problem.dropout_p > 0:
             weights = apply_dropout(weights, problem)
-        v = problem.v.to(problem.compute_dtype).repeat_interleave(problem.group, dim=1)
+        v = v.to(problem.compute_dtype).repeat_interleave(problem.group, dim=1)
         out = torch.matmul(weights, v).to(problem.dtype)
         return out, lse

@@ -3,9 +3,17 @@
 Torch's fused kernels are the fastest dense attention there is on most devices, but they know only
 ``is_causal`` (aligned top-left) and a materialised ``attn_mask``: any other mask is built here as a
 dense ``(B|1, H|1, Nq, Nk)`` tensor, which costs ``Nq * Nk`` memory and no tile is ever skipped.
+
+Torch's kernels do not all keep qkv's promises (docs/attention.md, "Guarantees"), so the run
+enforces them around the call, in ``O(N * D)`` extra memory: keys and values that the mask hides
+from every query are zeroed first (NaN there would otherwise poison every row), rows with
+nothing to attend to are zeroed after (cuDNN returns non-zero rows in float16/bfloat16), and a
+row whose query or float-mask entries are NaN/inf is NaN (some CPU kernels return a silent zero).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +76,53 @@ class SdpaBackend:
         if p.bias is not None:
             bias = p.bias.to(p.dtype)
             attn_mask = bias if attn_mask is None else torch.where(attn_mask, bias, float("-inf"))
+        q, k, v = p.q, p.k, p.v
+        rows_seen = poisoned = None
+        if attn_mask is not None:
+            rows_seen, keys_seen, poisoned = mask_visibility(attn_mask, p.kv_heads)
+            k, v = torch.where(keys_seen, k, 0), torch.where(keys_seen, v, 0)
         kwargs = {"enable_gqa": True} if p.group > 1 else {}
-        out = F.scaled_dot_product_attention(p.q, p.k, p.v, attn_mask=attn_mask, is_causal=uses_is_causal(p),
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=uses_is_causal(p),
                                              scale=p.scale, **kwargs)
+        bad = ~torch.isfinite(q).all(dim=-1, keepdim=True)
+        if poisoned is not None:
+            bad = bad | poisoned
+        out = out.masked_fill(bad, float("nan"))
+        if rows_seen is not None:
+            out = torch.where(rows_seen, out, 0)
         return out, None
+
+
+def mask_visibility(attn_mask: Tensor, kv_heads: int) -> tuple[Tensor, Tensor, Tensor | None]:
+    """What a materialised SDPA mask ``(B|1, H|1, Nq, Nk)`` (bool, True = visible; or float,
+    ``-inf`` = hidden) lets through: ``rows_seen (B|1, H|1, Nq, 1)`` (the row sees some key),
+    ``keys_seen (B|1, Hkv|1, Nk, 1)`` (some query of the key's head group sees the key) and, for a
+    float mask, ``poisoned (B|1, H|1, Nq, 1)`` (a visible entry is NaN or ``+inf``; else None).
+    Read in bands of rows: the temporaries are ``O(Nk)`` per row, never a second ``Nq x Nk`` copy."""
+    if attn_mask.dtype == torch.bool:
+        rows_seen, keys_seen = attn_mask.any(dim=-1, keepdim=True), attn_mask.any(dim=-2)
+        poisoned = None
+    else:
+        rows_seen, keys_seen, poisoned = _float_mask_visibility(attn_mask)
+    if keys_seen.shape[1] > 1:
+        keys_seen = keys_seen.reshape(keys_seen.shape[0], kv_heads, -1, keys_seen.shape[-1]).any(dim=2)
+    return rows_seen, keys_seen.unsqueeze(-1), poisoned
+
+
+#: Mask elements read at once by :func:`_float_mask_visibility`.
+_BAND_ELEMENTS = 1 << 24
+
+
+def _float_mask_visibility(attn_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    *lead, nq, nk = attn_mask.shape
+    per_row = max(1, nk * math.prod(lead))
+    band = max(1, _BAND_ELEMENTS // per_row)
+    rows, poisoned, keys = [], [], None
+    for r0 in range(0, nq, band):
+        part = attn_mask[..., r0:r0 + band, :]
+        seen = part != float("-inf")  # NaN counts as seen
+        rows.append(seen.any(dim=-1, keepdim=True))
+        poisoned.append((seen & ~torch.isfinite(part)).any(dim=-1, keepdim=True))
+        part_keys = seen.any(dim=-2)
+        keys = part_keys if keys is None else keys | part_keys
+    return torch.cat(rows, dim=-2), keys, torch.cat(poisoned, dim=-2)

@@ -128,10 +128,33 @@ class _Tiling:
         dims = [d for d in range(5) if target[d] == 1 and ds.shape[d] > 1]
         return ds.sum(dim=dims, keepdim=True) if dims else ds
 
-    def modified_scores(self, s: Tensor, r0, r1, c0, c1, partial: bool, mod_tensors=None) -> Tensor:
-        """Apply score modifier, bias and (on partial runs) the mask to raw scaled scores."""
+    def hidden(self, r0, r1, c0, c1, partial: bool) -> tuple[Tensor | None, Tensor | None]:
+        """The entries of a tile that the mask hides (on partial runs) or a ``-inf`` bias hides, as
+        a bool tensor broadcastable to the stacked scores, and per key ``(B|1, Hkv|1, keys, 1)``
+        whether any row of this block sees it; ``(None, None)`` when nothing is hidden."""
         p = self.problem
-        if p.score_mod is None and self.bias5 is None and not partial:
+        hide = None
+        if partial:
+            h, qpos, _ = self.query_index(r0, r1)
+            kpos = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
+            hide = ~p.mask.allowed(self.b_idx, h, qpos, kpos)
+        if self.bias5 is not None:
+            minus_inf = self.bias_tile(r0, r1, c0, c1) == NEG_INF
+            hide = minus_inf if hide is None else hide | minus_inf
+        if hide is None:
+            return None, None
+        return hide, (~hide).any(dim=-2, keepdim=True).transpose(-1, -2)
+
+    @staticmethod
+    def visible_only(x: Tensor, seen: Tensor | None) -> Tensor:
+        """Keys or values of a tile with zeros where no row of the block sees the key: garbage
+        (NaN, inf) in hidden slots never reaches an output or a gradient."""
+        return x if seen is None else torch.where(seen, x, 0)
+
+    def modified_scores(self, s: Tensor, r0, r1, c0, c1, hide: Tensor | None, mod_tensors=None) -> Tensor:
+        """Apply score modifier, bias and the hidden entries (see :meth:`hidden`) to raw scaled scores."""
+        p = self.problem
+        if p.score_mod is None and self.bias5 is None and hide is None:
             return s
         h, qpos, _ = self.query_index(r0, r1)
         kpos = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
@@ -140,8 +163,8 @@ class _Tiling:
             s = p.score_mod.apply(tensors, s, self.b_idx, h, qpos, kpos)
         if self.bias5 is not None:
             s = s + self.bias_tile(r0, r1, c0, c1).to(s.dtype)
-        if partial:
-            s = s.masked_fill(~p.mask.allowed(self.b_idx, h, qpos, kpos), NEG_INF)
+        if hide is not None:
+            s = s.masked_fill(hide, NEG_INF)
         return s
 
     def dropout_scale(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
@@ -167,7 +190,9 @@ def _forward(t: _Tiling, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tenso
         l = torch.zeros_like(m)
         acc = torch.zeros(*qi.shape[:-1], p.v_dim, dtype=t.cdt, device=p.device)
         for c0, c1, partial in runs:
-            s = t.modified_scores(qi @ k[:, :, c0:c1].transpose(-1, -2), r0, r1, c0, c1, partial)
+            hide, seen = t.hidden(r0, r1, c0, c1, partial)
+            kj, vj = t.visible_only(k[:, :, c0:c1], seen), t.visible_only(v[:, :, c0:c1], seen)
+            s = t.modified_scores(qi @ kj.transpose(-1, -2), r0, r1, c0, c1, hide)
             m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
             m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)
             probs = s.sub_(m_safe).exp_()
@@ -175,9 +200,9 @@ def _forward(t: _Tiling, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tenso
             l = l * alpha + probs.sum(dim=-1, keepdim=True)
             if p.dropout_p > 0:
                 probs = probs * t.dropout_scale(r0, r1, c0, c1)
-            acc.mul_(alpha).add_(probs @ v[:, :, c0:c1])
+            acc.mul_(alpha).add_(probs @ vj)
             m = m_new
-        seen = l > 0
+        seen = l != 0  # NaN counts as seen: NaN that reached a visible score propagates
         o = torch.where(seen, acc / torch.where(seen, l, torch.ones_like(l)), torch.zeros_like(acc))
         m_safe = m.masked_fill(m == NEG_INF, 0.0)
         row_lse = torch.where(seen, m_safe + torch.log(torch.where(seen, l, torch.ones_like(l))), m)
@@ -213,16 +238,17 @@ def _backward(t: _Tiling, q, k, v, out, lse, dout, dlse, needs):
             delta = delta - t.stack_rows(dlse.unsqueeze(-1), r0, r1)
         dqi = torch.zeros_like(qi)
         for c0, c1, partial in runs:
-            kj, vj = k[:, :, c0:c1], v[:, :, c0:c1]
+            hide, seen = t.hidden(r0, r1, c0, c1, partial)
+            kj, vj = t.visible_only(k[:, :, c0:c1], seen), t.visible_only(v[:, :, c0:c1], seen)
             raw = qi @ kj.transpose(-1, -2)
             if mod_grads_wanted or (mod is not None and needs["q_or_k"]):
                 with torch.enable_grad():
                     raw_leaf = raw.detach().requires_grad_(needs["q_or_k"])
-                    s_mod = t.modified_scores(raw_leaf, r0, r1, c0, c1, partial, detached_mod)
+                    s_mod = t.modified_scores(raw_leaf, r0, r1, c0, c1, hide, detached_mod)
                 s = s_mod.detach()
             else:
                 s_mod = None
-                s = t.modified_scores(raw, r0, r1, c0, c1, partial)
+                s = t.modified_scores(raw, r0, r1, c0, c1, hide)
             probs = torch.exp(s - li)
             dp = do @ vj.transpose(-1, -2)
             if p.dropout_p > 0:

@@ -121,7 +121,11 @@ def appending_step(lengths: Tensor, counts: Tensor, n: int, num_keys: int, devic
     rows, tokens = real_tokens(counts)
     new_columns = tuple(t.to(device) for t in (rows, lengths[rows] + tokens, tokens))
     k_positions = torch.arange(num_keys, device=device).expand(lengths.shape[0], -1)
-    return Step(positions, counts, PositionMask(positions, k_positions), True, new_columns)
+    # Padding queries see nothing (position -1): the never-written slots of padding tokens are then
+    # hidden from every query, so whatever they hold (a reused page's NaN) cannot reach an output.
+    padding = (torch.arange(n) >= counts[:, None]).to(device)
+    q_positions = positions.masked_fill(padding, -1)
+    return Step(positions, counts, PositionMask(q_positions, k_positions), True, new_columns)
 
 
 class CacheLayer:
