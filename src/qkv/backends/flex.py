@@ -324,12 +324,14 @@ class Rates:
 
 
 #: CPU: fitted on 2 shared cores of an x86-64 server (AVX-512), torch 2.13, B=1 H=4 D=64 float32,
-#: with ``benchmarks/attention_speed.py`` (forward only: Flex has no CPU backward).
+#: to compiled Flex's forward times in ``benchmarks/results/attention_speed_cpu.json`` (causal,
+#: windows and documents at N = 1k..16k: 1.6-1.7 ns per visited score; Flex has no CPU backward).
+#: Compiling one kind took 6-20 s on that machine (less with inductor's on-disk cache warm).
 #: CUDA: from the H200 measurements in ``shared/gpu`` (bf16, B=2, H=16, N=8192, D=128: 387 / 304 /
 #: 346 TFLOP/s forward on causal / window 1024 / documents, i.e. ~1.4e-12 s per visited score;
 #: forward+backward 3.6x the forward); the compile times there are estimates, not measurements.
 RATES = {
-    "cpu": Rates(score=0.25e-9, score_per_dim=0.006e-9, partial_score=0.3e-9, call=1.0e-3, backward=2.5,
+    "cpu": Rates(score=0.3e-9, score_per_dim=0.01e-9, partial_score=0.5e-9, call=0.8e-3, backward=2.5,
                  unfused_score=8e-9, compile_forward=10.0, compile_backward=30.0),
     "cuda": Rates(score=0.2e-12, score_per_dim=4.7e-15, partial_score=0.3e-12, call=1.5e-4, backward=2.6,
                   unfused_score=5e-12, compile_forward=10.0, compile_backward=30.0),

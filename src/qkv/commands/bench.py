@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backward", action="store_true", help="time forward + backward")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per problem (best is kept)")
-    parser.add_argument("--flex", action="store_true", help="also time FlexAttention (compiles per shape: slow)")
+    parser.add_argument("--flex", action="store_true", help="also time FlexAttention called directly (flex_direct: its own create_block_mask, compiled per shape)")
     parser.add_argument("--json", metavar="PATH", help="write the results with device, versions and date")
 
 
@@ -42,9 +42,10 @@ def run(args: argparse.Namespace) -> int:
                                           documents=args.documents, backward=args.backward, repeat=args.repeat,
                                           peers=("flex",) if args.flex else ()))
             print(f"  N={seq:<6} {mask:<9} done", flush=True)
-    columns = [c for c in ("tiled", "sdpa", "reference", "flex", "auto") if any(c in r.times for r in rows)]
+    columns = [c for c in ("tiled", "sdpa", "reference", "flex", "flex_direct", "auto") if any(c in r.times for r in rows)]
     print()
     print(bench.format_table(rows, columns))
+    print(f"\nflex compiles: {rows[-1].flex_compiles} in all (one per mask kind: new lengths, windows and ids reuse them)")
     notes = sorted({f"{name}: {why}" for r in rows for name, why in r.notes.items()})
     if notes:
         print("\nnot run: " + "\n         ".join(notes))
