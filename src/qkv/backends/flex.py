@@ -165,6 +165,9 @@ def kv_blocks_from_kinds(kinds: Tensor) -> KvBlocks:
 def tile_kinds(problem: Problem) -> Tensor:
     """``(B|1, H|1, nQB, nKB)`` int8 tile kinds at Flex's tile size (all FULL without a mask),
     cached on the problem so that the estimate and the run share them."""
+    layout = getattr(problem, "layout", None)
+    if callable(layout):  # core's cached BlockLayout, once it is there
+        return layout(BLOCK, BLOCK).kinds
     cached = problem.__dict__.get("_flex_kinds")
     if cached is None:
         grid = TileGrid(problem.nq, problem.nk, BLOCK, BLOCK, problem.index_device)
@@ -182,6 +185,9 @@ def tile_kinds(problem: Problem) -> Tensor:
 def kv_blocks(problem: Problem) -> KvBlocks:
     """qkv's block view of the problem's mask as Flex's block lists, per batch and head where it
     differs."""
+    layout = getattr(problem, "layout", None)
+    if callable(layout):  # core's BlockLayout lists them in this format
+        return layout(BLOCK, BLOCK).kv_blocks()
     return kv_blocks_from_kinds(tile_kinds(problem))
 
 
