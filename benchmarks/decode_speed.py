@@ -12,6 +12,17 @@ slopes. Each cached token's logits are checked against the recomputation's befor
 
 Results depend on the machine; the JSON records device, thread count, versions, date and load
 average (other work on the machine slows both columns).
+
+``twin``: qkv's ``Decoder.generate`` against a plain-PyTorch twin of the same architecture
+(``plain_decoder.py``: same weights, a ``torch.cat`` KV cache, SDPA), greedy, a 32-token prompt and
+256 new tokens, batch 1 and 8, eager and with the compiled decode step (``generate(compile=True)``).
+Runs are interleaved in one process (each round times every contender once, in rotating order) and
+the medians are reported, with the median of the per-round ratios, so that load from other work on
+a shared machine falls on all contenders alike. Also: aten ops per decode step (torch.profiler),
+and ``qkv.attention``'s overhead over ``F.scaled_dot_product_attention`` on decode-step problems::
+
+    python benchmarks/decode_speed.py twin            # writes benchmarks/results/decode_twin.json
+    python benchmarks/decode_speed.py twin --rounds 3 --new-tokens 64   # quick look
 """
 
 from __future__ import annotations
@@ -28,10 +39,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 import qkv
 from qkv.cache import KVCache
 from qkv.nn import Decoder
+
+sys.path.insert(0, str(Path(__file__).parent))
+from plain_decoder import PlainDecoder  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -116,6 +131,174 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def environment() -> dict:
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": {"type": "cpu", "name": cpu_name(), "logical_cores": os.cpu_count(),
+                   "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()},
+        "versions": {"qkv": qkv.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
+                     "platform": platform.platform()},
+    }
+
+
+def interleaved(contenders: dict, rounds: int) -> dict[str, list[float]]:
+    """Wall times of every contender over ``rounds`` rounds, each round running all of them once
+    in an order rotated by one per round (after one warm-up run each)."""
+    names = list(contenders)
+    for name in names:
+        contenders[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            contenders[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize_times(times: dict[str, list[float]], peer: str, work: float) -> dict:
+    """Medians as ``work / s`` rates, and each contender's speed relative to ``peer`` (ratio of
+    medians and median of the per-round ratios; > 1 = faster than the peer)."""
+    out = {}
+    for name, ts in times.items():
+        out[name] = {"median_s": statistics.median(ts), "rate": work / statistics.median(ts),
+                     "speed_vs_" + peer: statistics.median(times[peer]) / statistics.median(ts),
+                     "median_round_ratio_vs_" + peer: statistics.median(p / t for p, t in zip(times[peer], ts)),
+                     "all_s": ts}
+    return out
+
+
+def op_counts(step, steps: int) -> dict:
+    """aten ops per call of ``step()`` under torch.profiler: all of them (nested included), the
+    top-level ones (called from Python, not from another aten op), and the commonest top-level."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    aten = [e for e in prof.events() if e.name.startswith("aten::")]
+    top = [e for e in aten if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    common = Counter(e.name for e in top).most_common(12)
+    return {"aten_ops_per_step": len(aten) / steps, "top_level_aten_ops_per_step": len(top) / steps,
+            "commonest_top_level": {name: count / steps for name, count in common}}
+
+
+@torch.no_grad()
+def profile_steps(model: Decoder, twin: PlainDecoder, vocab: int, prompt_len: int, steps: int = 16) -> dict:
+    """Op counts of one batch-1 decode step at context ``prompt_len``, qkv (eager) and the twin."""
+    ids = torch.randint(0, vocab, (1, prompt_len + 1), generator=torch.Generator().manual_seed(1))
+    cache = KVCache(batch_size=1, capacity=prompt_len + 2 * steps + 4, **model.cache_spec())
+    model(ids[:, :prompt_len], cache)
+    token = ids[:, prompt_len:]
+
+    def qkv_step():
+        model(token, cache)
+
+    _, past = twin(ids[:, :prompt_len], None, 0)
+    state = {"past": past, "pos": prompt_len}
+
+    def plain_step():
+        _, state["past"] = twin(token, state["past"], state["pos"])
+        state["pos"] += 1
+
+    return {"qkv": op_counts(qkv_step, steps), "plain": op_counts(plain_step, steps)}
+
+
+def attention_overhead(rounds: int, calls: int = 200) -> list[dict]:
+    """Per-call time of ``qkv.attention`` minus ``F.scaled_dot_product_attention`` on decode-step
+    problems (one query over ``Nk`` cached keys), interleaved rounds of ``calls`` calls each."""
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for batch, heads, nk, dim in ((1, 1, 16, 16), (1, 4, 512, 64), (1, 8, 288, 32), (8, 8, 288, 32)):
+        q = torch.randn(batch, heads, 1, dim, generator=g)
+        k, v = torch.randn(2, batch, heads, nk, dim, generator=g)
+
+        def loop(fn):
+            def run():
+                for _ in range(calls):
+                    fn()
+            return run
+
+        contenders = {"sdpa": loop(lambda: F.scaled_dot_product_attention(q, k, v)),
+                      "qkv": loop(lambda: qkv.attention(q, k, v)),
+                      "qkv_causal": loop(lambda: qkv.attention(q, k, v, qkv.causal()))}
+        times = interleaved(contenders, rounds)
+
+        def overhead_us(name):  # median over rounds of (this round's qkv time - its sdpa time) per call
+            return statistics.median(a - b for a, b in zip(times[name], times["sdpa"])) / calls * 1e6
+
+        rows.append({"B": batch, "H": heads, "Nq": 1, "Nk": nk, "D": dim, "dtype": "float32",
+                     "sdpa_us": statistics.median(times["sdpa"]) / calls * 1e6,
+                     "qkv_overhead_us": overhead_us("qkv"), "qkv_causal_overhead_us": overhead_us("qkv_causal"),
+                     "dispatch": qkv.explain_dispatch(q, k, v).chosen})
+    return rows
+
+
+def twin_main(args) -> int:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    config = dict(vocab_size=args.vocab, dim=args.dim, num_layers=args.layers, num_heads=args.heads)
+    model = Decoder(**config).eval()
+    twin = PlainDecoder.from_qkv(model)
+    can_compile = "compile" in Decoder.generate.__code__.co_varnames and not args.no_compile
+    result = {"benchmark": "decode_twin", **environment(),
+              "model": {**config, "mlp_dim": 4 * args.dim, "positional": "rope", "activation": "swiglu",
+                        "norm": "rmsnorm", "dtype": "float32"},
+              "method": (f"greedy generate, {args.prompt}-token prompt + {args.new_tokens} new tokens (prefill "
+                         f"included), {args.rounds} interleaved rounds in one process (order rotated each "
+                         "round), medians; tokens/s = batch * new tokens / median time; speed ratios > 1 "
+                         "mean faster than the plain twin. The CPU is shared with other work: compare the "
+                         "ratios, not the absolute rates, across runs"),
+              "generate": []}
+    for batch in args.batches:
+        prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+        contenders = {
+            "plain": lambda: twin.generate(prompt, args.new_tokens),
+            "qkv": lambda: model.generate(prompt, args.new_tokens, temperature=0),
+        }
+        if can_compile:
+            contenders["qkv_compiled"] = lambda: model.generate(prompt, args.new_tokens, temperature=0, compile=True)
+        outputs = {name: fn() for name, fn in contenders.items()}  # also compiles
+        same = {name: bool(torch.equal(out, outputs["plain"])) for name, out in outputs.items()}
+        times = interleaved(contenders, args.rounds)
+        summary = summarize_times(times, "plain", batch * args.new_tokens)
+        result["generate"].append({"batch": batch, "same_tokens_as_plain": same, "results": summary})
+        line = ", ".join(f"{name} {s['rate']:7.1f} tok/s ({s['speed_vs_plain']:.2f}x, rounds "
+                         f"{s['median_round_ratio_vs_plain']:.2f}x)" for name, s in summary.items())
+        print(f"batch {batch}: {line}; same tokens: {same}", flush=True)
+    result["op_counts"] = profile_steps(model, twin, args.vocab, args.prompt)
+    for name, c in result["op_counts"].items():
+        print(f"{name}: {c['aten_ops_per_step']:.0f} aten ops per decode step "
+              f"({c['top_level_aten_ops_per_step']:.0f} top-level)", flush=True)
+    result["attention_overhead"] = attention_overhead(args.rounds)
+    for r in result["attention_overhead"]:
+        print(f"attention B={r['B']} H={r['H']} Nk={r['Nk']} D={r['D']}: sdpa {r['sdpa_us']:.1f} us, qkv +"
+              f"{r['qkv_overhead_us']:.1f} us, qkv causal +{r['qkv_causal_overhead_us']:.1f} us", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def twin_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="decode_speed.py twin", description="qkv generate vs a plain twin")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
+    parser.add_argument("--out", type=Path, default=RESULTS / "decode_twin.json")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--contexts", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
@@ -129,6 +312,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="torch CPU threads (default 1: a single-token step is too small to split, and "
                              "extra threads only add synchronisation, badly so on a busy machine)")
     parser.add_argument("--out", type=Path, default=RESULTS / "decode_speed")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["twin"]:
+        return twin_main(twin_parser().parse_args(argv[1:]))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 

@@ -147,6 +147,21 @@ def test_512_tokens_through_the_tiled_backend(model, hf_model, monkeypatch):
     torch.testing.assert_close(got[real], default[real], atol=1e-5, rtol=0)
 
 
+def test_attention_maps_cost_one_attention_per_layer(model, monkeypatch):
+    """output_attentions=True runs each layer's attention once (its output feeds the layer and its
+    weights are returned) and changes no output bit."""
+    batch = model.tokenize(TEXTS)
+    with torch.no_grad():
+        plain = model(**batch.model_inputs(), output_hidden_states=True)
+        calls = []
+        original = qkv.attention
+        monkeypatch.setattr("qkv.nn.attention._attention", lambda *a, **k: calls.append(1) or original(*a, **k))
+        with_maps = model(**batch.model_inputs(), output_hidden_states=True, output_attentions=True)
+    assert len(calls) == model.config.num_hidden_layers
+    for a, b in zip(plain.hidden_states, with_maps.hidden_states, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_beyond_max_positions_is_an_error_naming_the_limit(model):
     with pytest.raises(ValueError, match=r"513 tokens, more than this model's limit of 512 "
                                          r"\(max_position_embeddings=512"):

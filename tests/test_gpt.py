@@ -89,7 +89,8 @@ def test_resume_refuses_other_settings_text_or_model(tmp_path, text):
 def test_an_interrupted_save_is_detected(tmp_path, text):
     run(tmp_path / "early", text, 4, stop_after=2)
     run(tmp_path / "late", text, 4)
-    (tmp_path / "late" / "trainer.safetensors").write_bytes((tmp_path / "early" / "trainer.safetensors").read_bytes())
+    late, early = gpt.checkpoint_dir(tmp_path / "late"), gpt.checkpoint_dir(tmp_path / "early")
+    (late / "trainer.safetensors").write_bytes((early / "trainer.safetensors").read_bytes())
     with pytest.raises(ValueError, match="is from step 2 but config.json says step 4: a save was interrupted"):
         train(tmp_path / "late", text, resume=True, progress=False, log=lambda *_: None)
 
@@ -128,18 +129,19 @@ def test_checkpoint_errors(tmp_path, text):
     with pytest.raises(FileNotFoundError, match="no config.json"):
         gpt.load_model_from(tmp_path)
     run(tmp_path, text, 2)
-    weights_file = tmp_path / "model.safetensors"
+    step_dir = gpt.checkpoint_dir(tmp_path)
+    weights_file = step_dir / "model.safetensors"
     intact = weights_file.read_bytes()
     weights_file.write_bytes(intact[: len(intact) // 2])
-    with pytest.raises(ValueError, match="model.safetensors is damaged"):
+    with pytest.raises(ValueError, match="model.safetensors: is damaged"):
         gpt.load_model_from(tmp_path)
     weights_file.write_bytes(intact)
-    meta = json.loads((tmp_path / "config.json").read_text())
+    meta = json.loads((step_dir / "config.json").read_text())
     meta["model"]["dim"] = 64
-    (tmp_path / "config.json").write_text(json.dumps(meta))
+    (step_dir / "config.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="does not fit the model"):
         gpt.load_model_from(tmp_path)
-    (tmp_path / "model.safetensors").unlink()
+    (step_dir / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="no model.safetensors"):
         gpt.load_model_from(tmp_path)
 
@@ -163,7 +165,8 @@ def test_cli_train_then_generate(tmp_path, capsys):
     out = tmp_path / "run"
     assert cli(["train", "--text", str(text_file), "--out", str(out), "--steps", "3", "--batch-size", "4",
                 "--context", "32", "--eval-every", "3", "--dim", "32", "--layers", "1", "--no-progress"]) == 0
-    assert "validation loss" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "validation loss" in printed and "the unigram baseline of" in printed and "better" not in printed
     assert cli(["generate", "--checkpoint", str(out), "--prompt", "def ", "--max-new-tokens", "8",
                 "--temperature", "0"]) == 0
     printed = capsys.readouterr().out
@@ -171,5 +174,12 @@ def test_cli_train_then_generate(tmp_path, capsys):
     # --resume keeps the checkpoint's settings; only --steps may grow.
     assert cli(["train", "--text", str(text_file), "--out", str(out), "--resume", "--steps", "4", "--no-progress"]) == 0
     assert "done: step 4" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="cannot resume: batch_size"):
-        cli(["train", "--text", str(text_file), "--out", str(out), "--resume", "--batch-size", "8"])
+    assert cli(["train", "--text", str(text_file), "--out", str(out), "--resume", "--batch-size", "8"]) == 2
+    assert "qkv train: error: cannot resume: batch_size" in capsys.readouterr().err
+    # A finished run is not overwritten by accident: --overwrite replaces it.
+    fresh = ["train", "--text", str(text_file), "--out", str(out), "--steps", "2", "--batch-size", "4", "--context",
+             "32", "--eval-every", "2", "--dim", "32", "--layers", "1", "--no-progress"]
+    assert cli(fresh) == 2
+    assert "already holds files; pass --resume to continue its run or --overwrite" in capsys.readouterr().err
+    assert cli([*fresh, "--overwrite"]) == 0
+    assert "done: step 2" in capsys.readouterr().out

@@ -111,7 +111,11 @@ def test_gelu_tanh_activation():
 
 def test_submodule_names_are_stable():
     names = {n for n, _ in TransformerBlock(8, 2, 16, cross_attention=True).named_children()}
-    assert names == {"attn", "attn_norm", "cross_attn", "cross_norm", "mlp", "mlp_norm", "dropout"}
+    assert names == {"attn", "attn_norm", "cross_attn", "cross_norm", "mlp", "mlp_norm"}
+    # a dropout module only where it drops something (p = 0 leaves none on the path)
+    with_dropout = TransformerBlock(8, 2, 16, dropout=0.1)
+    assert {n for n, _ in with_dropout.named_children()} == {"attn", "attn_norm", "mlp", "mlp_norm", "dropout"}
+    assert with_dropout.mlp.dropout.p == 0.1 and TransformerBlock(8, 2, 16).mlp.dropout is None
     keys = set(TransformerBlock(8, 2, 16, norm_first=False).state_dict())
     assert {"attn.q_proj.weight", "attn.out_proj.bias", "attn_norm.weight", "mlp.fc1.weight", "mlp.fc2.bias",
             "mlp_norm.bias"} <= keys

@@ -5,15 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import fastpath
 from .backends import REGISTRY
 from .backends import reference as _reference
 from .dispatch import choose
 from .problem import Problem, make_problem
 
+_NUMBERS = (float, int)
+
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None = None, score_mod=None,
               dropout_p: float = 0.0, generator: torch.Generator | None = None, return_lse: bool = False,
-              backend: str | None = None):
+              backend: str | None = None, q_offset=None, k_offset=0):
     r"""Scaled dot-product attention, ``softmax(q k^T * scale + score_mod, masked) v``.
 
     Args:
@@ -22,8 +25,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
         v: values ``(B, Hkv, Nk, Dv)``.
         mask: ``None``; a :class:`qkv.Mask` (``qkv.causal()``, ``qkv.sliding_window(w)``, ...);
             a bool tensor (True = may attend); or a float tensor added to the scores. Tensors must
-            broadcast to ``(B, Hq, Nq, Nk)``. Queries are aligned bottom-right: row ``i`` is at
-            key position ``i + Nk - Nq``.
+            broadcast to ``(B, Hq, Nq, Nk)``. Masks and score modifiers see positions (below).
         scale: score scale, default ``1 / sqrt(D)``.
         score_mod: a :class:`qkv.scores.ScoreMod` or ``fn(score, b, h, q, k)`` applied to the scaled
             scores before masking (ALiBi, soft-capping, relative bias).
@@ -32,6 +34,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
         return_lse: also return the log-sum-exp of each row's scores.
         backend: ``None`` (pick the fastest that supports the problem) or a name from
             ``qkv.backends.REGISTRY`` (``"reference"``, ``"tiled"``, ``"sdpa"``).
+        q_offset, k_offset: positions of query row 0 and key column 0, each an int or a ``(B,)``
+            integer tensor: key column ``j`` of batch ``b`` sits at ``k_offset[b] + j``, query row
+            ``i`` at ``q_offset[b] + i``. Default ``k_offset = 0`` and ``q_offset = k_offset + Nk - Nq``
+            (bottom-right: the last query and the last key share a position). A chunk of keys of a
+            longer sequence passes its offset; :func:`qkv.merge_partials` combines the chunks.
 
     Returns:
         ``out (B, Hq, Nq, Dv)`` in the input dtype, and with ``return_lse=True`` also
@@ -39,8 +46,13 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
         nothing gets zeros, ``lse = -inf`` and zero gradients. float16/bfloat16 inputs accumulate
         in float32.
     """
+    if score_mod is None and generator is None and return_lse is False and q_offset is None \
+            and type(k_offset) is int and k_offset == 0 and type(dropout_p) in _NUMBERS and dropout_p == 0:
+        out = fastpath.attend(q, k, v, mask, scale, backend)  # a decision remembered per problem signature
+        if out is not None:
+            return out
     problem = make_problem(q, k, v, mask, scale=scale, score_mod=score_mod, dropout_p=dropout_p,
-                           generator=generator, return_lse=return_lse)
+                           generator=generator, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset)
     if problem.is_empty:
         out, lse = _empty_result(problem)
     else:
@@ -49,12 +61,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
 
 
 def attention_weights(q: Tensor, k: Tensor, v: Tensor | None = None, mask=None, *, scale: float | None = None,
-                      score_mod=None) -> Tensor:
+                      score_mod=None, q_offset=None, k_offset=0) -> Tensor:
     """The attention weights ``(B, Hq, Nq, Nk)`` (float32; float64 for float64 inputs) that
     :func:`attention` applies to ``v``, materialised. Rows with nothing to attend to are zero."""
     if v is None:
         v = k[..., :1]
-    problem = make_problem(q, k, v, mask, scale=scale, score_mod=score_mod)
+    problem = make_problem(q, k, v, mask, scale=scale, score_mod=score_mod, q_offset=q_offset, k_offset=k_offset)
     if problem.is_empty:
         return torch.zeros(problem.batch, problem.q_heads, problem.nq, problem.nk, dtype=problem.compute_dtype,
                            device=problem.device)

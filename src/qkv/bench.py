@@ -3,7 +3,10 @@
 Used by ``qkv bench`` (a quick table) and ``benchmarks/attention_speed.py`` (the full grid with a
 result file). Every problem is run by each qkv backend that supports it, by qkv's automatic choice,
 and optionally by FlexAttention; times are the best of ``repeat`` runs after a warm-up, so that
-other load on a shared machine inflates them as little as possible.
+other load on a shared machine inflates them as little as possible, and every run's time is kept
+(``Row.samples``) so that the spread (min / median / max) shows how noisy the machine was. ``auto``
+is the backend the dispatcher picked, timed as that backend (the same runs), so the two never
+disagree.
 """
 
 from __future__ import annotations
@@ -37,7 +40,17 @@ class Row:
     times: dict[str, float | None] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     auto_choice: str = ""
+    samples: dict[str, list[float]] = field(default_factory=dict)
     flex_compiles: int | None = None  # compiled versions of qkv's flex kernels after this row
+
+    def spread(self, name: str) -> tuple[float, float, float] | None:
+        """``(min, median, max)`` seconds over the timed runs of ``name``, or None if it did not run."""
+        runs = sorted(self.samples.get(name) or [])
+        if not runs:
+            return None
+        mid = len(runs) // 2
+        median = runs[mid] if len(runs) % 2 else (runs[mid - 1] + runs[mid]) / 2
+        return runs[0], median, runs[-1]
 
     @property
     def best(self) -> tuple[str, float]:
@@ -72,6 +85,11 @@ def _global_positions(seq: int) -> torch.Tensor:
 def best_time(fn: Callable[[], object], repeat: int, device: str | torch.device = "cpu") -> float:
     """Best wall time of ``repeat`` runs after a warm-up (and compilation, for compiled peers);
     on CUDA the device is synchronised around each run, so the time covers the kernels."""
+    return min(run_times(fn, repeat, device))
+
+
+def run_times(fn: Callable[[], object], repeat: int, device: str | torch.device = "cpu") -> list[float]:
+    """Wall times of ``repeat`` runs after one warm-up run, as :func:`best_time` takes them."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     fn()
     times = []
@@ -81,7 +99,7 @@ def best_time(fn: Callable[[], object], repeat: int, device: str | torch.device 
         fn()
         sync()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return times
 
 
 def _flex_runner(q, k, v, mask_name, seq, window, documents):
@@ -128,14 +146,15 @@ def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtyp
     row = Row(seq, mask_name)
     grad = torch.ones(batch, heads, seq, head_dim, device=device, dtype=dtype)
 
-    def timed(call):
+    def timed(call, name):
         def once():
             if backward:
                 call().backward(grad)
             else:
                 with torch.no_grad():
                     call()
-        return best_time(once, repeat, device)
+        row.samples[name] = run_times(once, repeat, device)
+        return min(row.samples[name])
 
     with torch.set_grad_enabled(backward):
         problem = make_problem(q, k, v, mask)
@@ -149,17 +168,20 @@ def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtyp
             row.times[name], row.notes[name] = None, "skipped: materialised scores too large"
             continue
         try:
-            row.times[name] = timed(lambda: qkv.attention(q, k, v, mask, backend=name))
+            row.times[name] = timed(lambda: qkv.attention(q, k, v, mask, backend=name), name)
         except RuntimeError as err:  # a kernel that fails here is reported in the table, not fatal
             row.times[name], row.notes[name] = None, f"{type(err).__name__}: {str(err).splitlines()[-1][:120]}"
-    row.times["auto"] = timed(lambda: qkv.attention(q, k, v, mask))
-    with torch.set_grad_enabled(backward):  # what auto picks now, the backends warm (compiled)
-        row.auto_choice = choose(make_problem(q, k, v, mask)).chosen
+    with torch.set_grad_enabled(backward):  # auto's pick now that the backends ran (flex compiled):
+        row.auto_choice = choose(make_problem(q, k, v, mask)).chosen  # the steady state of a loop
     row.flex_compiles = flex_backend.compile_count()
+    if row.auto_choice not in row.times:  # the picked backend was left out of ``backends``: time it too
+        row.times[row.auto_choice] = timed(lambda: qkv.attention(q, k, v, mask, backend=row.auto_choice),
+                                           row.auto_choice)
+    row.times["auto"], row.samples["auto"] = row.times[row.auto_choice], row.samples[row.auto_choice]
     if "flex" in peers:
         runner, why = _flex_runner(q, k, v, mask_name, seq, window, documents)
         try:
-            row.times["flex_direct"] = timed(runner) if runner else None
+            row.times["flex_direct"] = timed(runner, "flex_direct") if runner else None
         except Exception as err:  # a peer that fails to compile here is reported, not fatal
             row.times["flex_direct"], why = None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
         if why:
@@ -188,13 +210,23 @@ def environment() -> dict:
     return info
 
 
+def format_ratio(x: float) -> str:
+    """A speed ratio that never rounds to ``0.0x``: ``16.4x``, ``1.38x``, ``0.042x``."""
+    if x >= 10:
+        return f"{x:.1f}x"
+    if x >= 0.1:
+        return f"{x:.2f}x"
+    return f"{x:.2g}x"
+
+
 def format_table(rows: list[Row], columns: list[str]) -> str:
-    """A Markdown table: milliseconds per backend, auto's choice, how the picked backend's time
-    compares with the fastest qkv backend's (both from the same runs), and tiled's speed-up over
-    SDPA, and the picked backend's speed relative to FlexAttention called directly (``flex_direct``,
-    its own ``create_block_mask``). The ``auto`` column times ``qkv.attention`` with ``backend=None`` separately (dispatch
-    included), so on a busy machine it carries its own noise."""
-    head = ["N", "mask", *columns, "auto picks", "picked/best", "sdpa/tiled", "speed vs flex_direct"]
+    """A Markdown table: milliseconds per backend (best run), auto's choice, how the picked
+    backend's time compares with the fastest qkv backend's (1.00: it picked the fastest), and
+    tiled's speed-up over SDPA (SDPA's time / tiled's), and with ``flex_direct`` (FlexAttention called
+    directly, its own ``create_block_mask``) the picked backend's speed relative to it. ``auto`` is
+    the picked backend's time."""
+    direct = any(r.times.get("flex_direct") for r in rows)
+    head = ["N", "mask", *columns, "auto picks", "picked/best", "sdpa/tiled"] + (["auto vs flex_direct"] if direct else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.seq), r.mask]
@@ -204,10 +236,30 @@ def format_table(rows: list[Row], columns: list[str]) -> str:
         _, best = r.best
         picked = r.times.get(r.auto_choice)
         tiled, sdpa = r.times.get("tiled"), r.times.get("sdpa")
-        direct = r.times.get("flex_direct")
         cells += [r.auto_choice, f"{picked / best:.2f}" if picked else "—",
-                  f"{sdpa / tiled:.1f}x" if tiled and sdpa else "—",
-                  f"{direct / picked:.2f}x" if direct and picked else "—"]
+                  format_ratio(sdpa / tiled) if tiled and sdpa else "—"]
+        if direct:
+            cells.append(format_ratio(r.times["flex_direct"] / picked) if r.times.get("flex_direct") and picked else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def format_spread(rows: list[Row], columns: list[str]) -> str:
+    """A Markdown table of each timing's spread over its runs, milliseconds ``min / median / max``:
+    a wide spread means a noisy machine, and the ratios above are only as good as it."""
+    head = ["N", "mask", *columns, "max/min"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells, worst = [str(r.seq), r.mask], 1.0
+        for c in columns:
+            spread = r.spread(c) if r.times.get(c) is not None else None
+            if spread is None:
+                cells.append("—")
+                continue
+            low, mid, high = spread
+            cells.append(f"{low * 1e3:.1f} / {mid * 1e3:.1f} / {high * 1e3:.1f}")
+            worst = max(worst, high / low if low > 0 else 1.0)
+        cells.append(f"{worst:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

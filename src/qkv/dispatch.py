@@ -16,7 +16,8 @@ from .problem import Problem, make_problem
 @dataclass(frozen=True)
 class Dispatch:
     """The outcome of dispatching one problem: the chosen backend, and for every registered
-    backend its estimated seconds (None where it cannot run) and the reasons it cannot.
+    backend its estimated seconds (None where it cannot run) and the reasons it cannot. A forced
+    backend is only checked for support: every estimate is None and ``reasons`` holds it alone.
     ``str()`` renders the decision as a table."""
 
     chosen: str
@@ -30,7 +31,10 @@ class Dispatch:
         lines = [f"problem: {summarize(self.problem)}", f"chosen:  {self.chosen} ({how})"]
         for name, est in sorted(self.estimates.items(), key=lambda kv: (kv[1] is None, kv[1] or 0)):
             mark = "*" if name == self.chosen else " "
-            if est is None:
+            if est is None and not self.reasons.get(name):
+                lines.append(f" {mark} {name:<10} not estimated (backend forced)" if name == self.chosen else
+                             f" {mark} {name:<10} not considered (backend forced)")
+            elif est is None:
                 lines.append(f" {mark} {name:<10} cannot run: " + "; ".join(self.reasons[name]))
             else:
                 note = getattr(REGISTRY.get(name), "note", None)
@@ -47,6 +51,9 @@ def summarize(p: Problem) -> str:
     parts = [f"B={p.batch} {heads} Nq={p.nq} Nk={p.nk} D={p.head_dim}"
              + (f" Dv={p.v_dim}" if p.v_dim != p.head_dim else ""), str(p.dtype).replace("torch.", ""),
              p.device.type]
+    if not p.positions.is_default:
+        show = (lambda o: o.tolist() if hasattr(o, "tolist") else o)
+        parts.append(f"q_offset={show(p.q_offset)} k_offset={show(p.k_offset)}")
     if p.mask is not None:
         parts.append(f"mask={p.mask!r}")
     if p.bias is not None:
@@ -66,29 +73,29 @@ def choose(problem: Problem, backend: str | None = None, learn: bool = False) ->
     (a call that will run) lets backends that learn from automatic choices see this one."""
     if backend is not None and backend not in REGISTRY:
         raise ValueError(f"backend must be None or one of {sorted(REGISTRY)}, got {backend!r}")
+    if backend is not None:  # only the forced backend's own support check: no estimate, no block view
+        own = REGISTRY[backend].unsupported(problem)
+        if own:
+            able = [n for n, b in REGISTRY.items() if n != backend and not b.unsupported(problem)]
+            raise ValueError(f"backend={backend!r} cannot run this problem: " + "; ".join(own)
+                             + f". Backends that can: {', '.join(able)}")
+        return Dispatch(backend, True, {name: None for name in REGISTRY}, {backend: []}, problem)
     reasons = {name: b.unsupported(problem) for name, b in REGISTRY.items()}
     estimates = {name: (None if reasons[name] else REGISTRY[name].estimate(problem)) for name in REGISTRY}
-    if backend is not None:
-        if reasons[backend]:
-            able = [n for n in REGISTRY if not reasons[n]]
-            raise ValueError(f"backend={backend!r} cannot run this problem: " + "; ".join(reasons[backend])
-                             + f". Backends that can: {', '.join(able)}")
-        chosen = backend
-    else:
-        chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
-        for b in REGISTRY.values() if learn else ():  # backends that learn from choices (flex's ski rental)
-            if hasattr(b, "observe"):
-                b.observe(problem, estimates, chosen)
-    return Dispatch(chosen, backend is not None, estimates, reasons, problem)
+    chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
+    for b in REGISTRY.values() if learn else ():  # backends that learn from choices (flex's ski rental)
+        if hasattr(b, "observe"):
+            b.observe(problem, estimates, chosen)
+    return Dispatch(chosen, False, estimates, reasons, problem)
 
 
 def explain_dispatch(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,
-                     return_lse=False, backend=None) -> Dispatch:
+                     return_lse=False, backend=None, q_offset=None, k_offset=0) -> Dispatch:
     """Which backend :func:`qkv.attention` would run for these arguments, and why.
 
     Takes the same arguments as :func:`qkv.attention` (``meta`` tensors work: nothing is computed).
     ``print()`` the result for a table of estimates and reasons.
     """
     problem = make_problem(q, k, v, mask, scale=scale, score_mod=score_mod, dropout_p=dropout_p,
-                           generator=generator, return_lse=return_lse)
+                           generator=generator, return_lse=return_lse, q_offset=q_offset, k_offset=k_offset)
     return choose(problem, backend)

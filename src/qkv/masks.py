@@ -5,11 +5,15 @@ A :class:`Mask` answers one question, "may the query at position ``q`` see the k
 for speed: "which ``(block_q x block_k)`` tiles of the score matrix are empty, full or partial?"
 (:meth:`Mask.block_kinds`). Backends skip empty tiles and drop the per-element test on full ones.
 
-Positions. Keys sit at positions ``0 .. Nk-1``. Queries are aligned bottom-right: query row ``i``
-sits at position ``i + Nk - Nq``, so the last query and the last key share a position (as in
-FlashAttention). With ``Nq == Nk`` that is the usual square picture; with ``Nq < Nk`` the queries
-are the newest tokens of a decoding step; with ``Nq > Nk`` the first ``Nq - Nk`` queries have
-negative positions and position-based masks (causal, window, ...) let them see nothing.
+Positions (:mod:`qkv.positions`). Key column ``j`` of batch element ``b`` sits at position
+``k_offset[b] + j`` and query row ``i`` at ``q_offset[b] + i``. By default keys sit at ``0 .. Nk-1``
+and queries are aligned bottom-right (``q_offset = Nk - Nq``): the last query and the last key
+share a position (as in FlashAttention). With ``Nq == Nk`` that is the usual square picture; with
+``Nq < Nk`` the queries are the newest tokens of a decoding step; with ``Nq > Nk`` the first
+``Nq - Nk`` queries have negative positions and position-based masks (causal, window, ...) let
+them see nothing. A key chunk of a longer sequence passes ``k_offset`` (and ``q_offset``).
+Masks holding per-position tables (document ids, global token indices, block layouts) index them
+by position; a materialised tensor mask is indexed by row and column.
 
 Index tensors. :meth:`Mask.allowed` receives ``b`` (batch), ``h`` (query head), ``q`` and ``k``
 (positions) as int64 tensors that broadcast against each other, and returns a bool tensor of their
@@ -23,6 +27,7 @@ element-wise minimum of tile kinds, ``|`` the maximum, ``~`` swaps empty and ful
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,10 +35,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .layout import TileKind, merge_kinds
+from .positions import Positions
 from .validate import positive_int
 
-#: Tile kinds of a block view, ordered so that ``&`` is ``min`` and ``|`` is ``max``.
-EMPTY, PARTIAL, FULL = 0, 1, 2
+#: Tile kinds of a block view, ordered so that ``&`` is ``min`` and ``|`` is ``max``
+#: (aliases of :class:`qkv.layout.TileKind`).
+EMPTY, PARTIAL, FULL = TileKind.EMPTY, TileKind.PARTIAL, TileKind.FULL
 
 #: Elements evaluated at once when a block view has to be computed by evaluating the mask.
 _EVAL_CHUNK_ELEMENTS = 1 << 24
@@ -43,8 +51,10 @@ _EVAL_CHUNK_ELEMENTS = 1 << 24
 class TileGrid:
     """The tiling of an ``(Nq x Nk)`` score matrix into ``(block_q x block_k)`` tiles.
 
-    Bounds are positions (see the module docstring): query tile ``i`` covers positions
-    ``q_first[i] ..= q_last[i]``, key tile ``j`` covers ``k_first[j] ..= k_last[j]``.
+    Tiles are cut along rows and columns; their bounds are returned as positions (see
+    :mod:`qkv.positions`; ``positions=None`` is the default bottom-right rule). Query tile ``i``
+    covers positions ``q_first[..., i, :] ..= q_last[..., i, :]``, key tile ``j`` covers
+    ``k_first[..., j] ..= k_last[..., j]``; with per-batch offsets the bounds differ per batch.
     """
 
     nq: int
@@ -52,11 +62,19 @@ class TileGrid:
     block_q: int
     block_k: int
     device: torch.device = torch.device("cpu")
+    positions: Positions | None = None
+
+    def __post_init__(self):
+        if self.positions is None:
+            object.__setattr__(self, "positions", Positions.default(self.nq, self.nk))
 
     @property
     def offset(self) -> int:
-        """Position of query row 0."""
-        return self.nk - self.nq
+        """Position of query row 0 (only when it is one int for the whole batch)."""
+        off = self.positions.q_offset
+        if not isinstance(off, int):
+            raise ValueError("TileGrid.offset: the query offset differs per batch element; use query_bounds()")
+        return off
 
     @property
     def num_q_blocks(self) -> int:
@@ -66,24 +84,53 @@ class TileGrid:
     def num_k_blocks(self) -> int:
         return math.ceil(self.nk / self.block_k)
 
-    def q_bounds(self) -> tuple[Tensor, Tensor]:
-        """First and last query position of each query tile, each ``(num_q_blocks,)``."""
+    def q_rows(self) -> tuple[Tensor, Tensor]:
+        """First and last query row of each query tile, each ``(1, 1, nQB, 1)``."""
         first = torch.arange(self.num_q_blocks, device=self.device) * self.block_q
         last = torch.clamp(first + self.block_q, max=self.nq) - 1
-        return first + self.offset, last + self.offset
+        return first.view(1, 1, -1, 1), last.view(1, 1, -1, 1)
 
-    def k_bounds(self) -> tuple[Tensor, Tensor]:
-        """First and last key position of each key tile, each ``(num_k_blocks,)``."""
+    def k_cols(self) -> tuple[Tensor, Tensor]:
+        """First and last key column of each key tile, each ``(1, 1, 1, nKB)``."""
         first = torch.arange(self.num_k_blocks, device=self.device) * self.block_k
         last = torch.clamp(first + self.block_k, max=self.nk) - 1
-        return first, last
+        return first.view(1, 1, 1, -1), last.view(1, 1, 1, -1)
+
+    def query_bounds(self) -> tuple[Tensor, Tensor]:
+        """First and last query position of each query tile, each ``(B|1, 1, nQB, 1)``."""
+        first, last = self.q_rows()
+        return self.positions.queries(first), self.positions.queries(last)
+
+    def key_bounds(self) -> tuple[Tensor, Tensor]:
+        """First and last key position of each key tile, each ``(B|1, 1, 1, nKB)``."""
+        first, last = self.k_cols()
+        return self.positions.keys(first), self.positions.keys(last)
+
+    def q_bounds(self) -> tuple[Tensor, Tensor]:
+        """First and last query position of each query tile, each ``(nQB,)``; only for offsets
+        that are the same for the whole batch (else use :meth:`query_bounds`)."""
+        self._require_scalar("q_bounds", "query_bounds")
+        return tuple(x.reshape(-1) for x in self.query_bounds())
+
+    def k_bounds(self) -> tuple[Tensor, Tensor]:
+        """First and last key position of each key tile, each ``(nKB,)``; only for offsets that
+        are the same for the whole batch (else use :meth:`key_bounds`)."""
+        self._require_scalar("k_bounds", "key_bounds")
+        return tuple(x.reshape(-1) for x in self.key_bounds())
+
+    def _require_scalar(self, old: str, new: str) -> None:
+        if not self.positions.scalar:
+            raise ValueError(f"TileGrid.{old}: the offsets differ per batch element; use TileGrid.{new}() "
+                             "(bounds per batch element)")
 
 
 def tile_kinds(empty: Tensor, full: Tensor) -> Tensor:
-    """Combine boolean ``empty``/``full`` tile tests into an int8 tensor of tile kinds."""
-    kinds = torch.full(empty.shape, PARTIAL, dtype=torch.int8, device=empty.device)
-    kinds[full] = FULL
-    kinds[empty] = EMPTY
+    """Combine boolean ``empty``/``full`` tile tests (broadcast against each other) into an int8
+    tensor of tile kinds."""
+    empty, full = torch.broadcast_tensors(empty, full)
+    kinds = torch.full(empty.shape, int(PARTIAL), dtype=torch.int8, device=empty.device)
+    kinds[full] = int(FULL)
+    kinds[empty] = int(EMPTY)
     return kinds
 
 
@@ -95,39 +142,74 @@ def _as_4d(kinds: Tensor) -> Tensor:
 
 def merge_over_batch_and_heads(kinds: Tensor) -> Tensor:
     """Reduce ``(B|1, H|1, nQB, nKB)`` tile kinds to ``(nQB, nKB)``: a tile is empty (full) only if
-    it is empty (full) for every batch element and head."""
-    flat = kinds.reshape(-1, *kinds.shape[-2:])
-    lo, hi = flat.amin(0), flat.amax(0)
-    return tile_kinds(hi == EMPTY, lo == FULL)
+    it is empty (full) for every batch element and head (:func:`qkv.layout.merge_kinds`)."""
+    return merge_kinds(kinds)
 
 
 def count_tiles(allowed: Tensor, block_q: int, block_k: int) -> Tensor:
     """Tile kinds of a boolean matrix ``allowed`` of shape ``(..., R, C)``.
 
     A dimension of size 1 (a broadcast mask) counts as uniform along that axis; the result has
-    ``ceil(R / block_q)`` (or 1) rows and ``ceil(C / block_k)`` (or 1) columns.
+    ``ceil(R / block_q)`` (or 1) rows and ``ceil(C / block_k)`` (or 1) columns. Reduced as bool
+    (``any``/``all`` per tile), a band of tile rows at a time: the extra memory is ``O(tiles)``
+    plus at most one band (``_EVAL_CHUNK_ELEMENTS``), never a converted copy of the whole mask.
     """
     *lead, rows, cols = allowed.shape
     bq = 1 if rows == 1 else block_q
     bk = 1 if cols == 1 else block_k
-    nqb, nkb = math.ceil(rows / bq), math.ceil(cols / bk)
-    padded = torch.zeros(*lead, nqb * bq, nkb * bk, dtype=torch.int32, device=allowed.device)
-    padded[..., :rows, :cols] = allowed.to(torch.int32)
-    counts = padded.view(*lead, nqb, bq, nkb, bk).sum(dim=(-3, -1))
-    row_sizes = torch.clamp(rows - torch.arange(nqb, device=allowed.device) * bq, max=bq)
-    col_sizes = torch.clamp(cols - torch.arange(nkb, device=allowed.device) * bk, max=bk)
-    sizes = row_sizes[:, None] * col_sizes[None, :]
-    return tile_kinds(counts == 0, counts == sizes)
+    nkb = math.ceil(cols / bk)
+    band = max(1, _EVAL_CHUNK_ELEMENTS // max(1, math.prod(lead) * bq * nkb * bk)) * bq  # rows per band
+    kinds = []
+    for r0 in range(0, rows, band):
+        part = allowed[..., r0:r0 + band, :]
+        kinds.append(tile_kinds(~_per_tile(part, bq, bk, torch.any), _per_tile(part, bq, bk, torch.all)))
+    return torch.cat(kinds, dim=-2)
 
 
-def position_grid(batch: int, heads: int, nq: int, nk: int, device) -> tuple[Tensor, ...]:
-    """Index tensors ``b (B,1,1,1)``, ``h (1,H,1,1)``, ``q (1,1,Nq,1)``, ``k (1,1,1,Nk)`` in
-    positions, for evaluating a mask or score modifier over a whole score matrix."""
-    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)
-    h = torch.arange(heads, device=device).view(1, -1, 1, 1)
-    q = (torch.arange(nq, device=device) + (nk - nq)).view(1, 1, -1, 1)
-    k = torch.arange(nk, device=device).view(1, 1, 1, -1)
-    return b, h, q, k
+def _per_tile(x: Tensor, bq: int, bk: int, reduce) -> Tensor:
+    """``reduce`` (``torch.any`` or ``torch.all``) over each ``(bq x bk)`` tile of ``x (..., R, C)``;
+    the ragged last tile row and column are reduced over what they hold."""
+    *lead, rows, cols = x.shape
+    row_parts = [(0, rows // bq * bq, bq), (rows // bq * bq, rows, rows % bq)]
+    col_parts = [(0, cols // bk * bk, bk), (cols // bk * bk, cols, cols % bk)]
+    out_rows = []
+    for r0, r1, rb in row_parts:
+        if r1 == r0:
+            continue
+        out_cols = []
+        for c0, c1, cb in col_parts:
+            if c1 == c0:
+                continue
+            tiles = x[..., r0:r1, c0:c1].reshape(*lead, (r1 - r0) // rb, rb, (c1 - c0) // cb, cb)
+            out_cols.append(reduce(reduce(tiles, dim=-1), dim=-2))
+        out_rows.append(torch.cat(out_cols, dim=-1))
+    return torch.cat(out_rows, dim=-2)
+
+
+def position_grid(batch: int, heads: int, nq: int, nk: int, device, positions: Positions | None = None
+                  ) -> tuple[Tensor, ...]:
+    """Index tensors ``b (B,1,1,1)``, ``h (1,H,1,1)``, ``q (B|1,1,Nq,1)``, ``k (B|1,1,1,Nk)`` in
+    positions (default: bottom-right), for evaluating a mask or score modifier over a whole score
+    matrix."""
+    return (positions or Positions.default(nq, nk)).grid(batch, heads, device)
+
+
+_TAKES_POSITIONS: dict[type, bool] = {}
+
+
+def bind_mask(mask: Mask, batch: int, heads: int, nq: int, nk: int, device, positions: Positions | None = None
+              ) -> Mask:
+    """``mask.bind(...)`` with the call's positions. A mask class whose ``bind`` predates positions
+    (no ``positions`` parameter) is bound the old way and accepted only at the default positions."""
+    cls = type(mask)
+    if cls not in _TAKES_POSITIONS:
+        _TAKES_POSITIONS[cls] = "positions" in inspect.signature(cls.bind).parameters
+    if _TAKES_POSITIONS[cls]:
+        return mask.bind(batch, heads, nq, nk, device, positions=positions)
+    if positions is not None and not positions.is_default:
+        raise ValueError(f"mask {mask!r}: its bind() takes no positions, so it cannot be used with "
+                         f"q_offset/k_offset ({positions!r}); add a `positions` parameter to its bind()")
+    return mask.bind(batch, heads, nq, nk, device)
 
 
 class Mask:
@@ -138,9 +220,10 @@ class Mask:
         """Bool tensor: True where query position ``q`` may attend to key position ``k``."""
         raise NotImplementedError
 
-    def bind(self, batch: int, heads: int, nq: int, nk: int, device) -> Mask:
-        """Check this mask against a problem's sizes and return a mask ready to evaluate on
-        ``device``. Raises ``ValueError`` naming what does not fit."""
+    def bind(self, batch: int, heads: int, nq: int, nk: int, device, positions: Positions | None = None) -> Mask:
+        """Check this mask against a problem's sizes and positions (``None``: the default,
+        bottom-right) and return a mask ready to evaluate on ``device``. Raises ``ValueError``
+        naming what does not fit. The original mask is left unchanged."""
         return self
 
     def block_kinds(self, grid: TileGrid, batch: int, heads: int) -> Tensor:
@@ -157,10 +240,14 @@ class Mask:
         bound.__dict__.update(fields)
         return bound
 
-    def dense(self, batch: int, heads: int, nq: int, nk: int, device=None) -> Tensor:
-        """The materialised mask, bool, broadcastable to ``(batch, heads, nq, nk)``."""
-        b, h, q, k = position_grid(batch, heads, nq, nk, device)
-        allowed = self.allowed(b, h, q, k)
+    def dense(self, batch: int, heads: int, nq: int, nk: int, device=None, positions: Positions | None = None
+              ) -> Tensor:
+        """The materialised mask, bool, broadcastable to ``(batch, heads, nq, nk)``. The mask binds
+        itself to these sizes first (``ValueError`` if it does not fit)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        bound = bind_mask(self, batch, heads, nq, nk, device, positions)
+        b, h, q, k = position_grid(batch, heads, nq, nk, device, positions)
+        allowed = bound.allowed(b, h, q, k)
         return torch.broadcast_to(allowed, torch.broadcast_shapes(allowed.shape, (1, 1, nq, nk)))
 
     def __and__(self, other: Mask) -> Mask:
@@ -186,13 +273,13 @@ def evaluate_block_kinds(mask: Mask, grid: TileGrid, batch: int, heads: int) -> 
     """Tile kinds of ``mask`` found by evaluating it, a band of query tiles at a time."""
     b = torch.arange(batch, device=grid.device).view(-1, 1, 1, 1)
     h = torch.arange(heads, device=grid.device).view(1, -1, 1, 1)
-    k = torch.arange(grid.nk, device=grid.device).view(1, 1, 1, -1)
+    k = grid.positions.keys(torch.arange(grid.nk, device=grid.device).view(1, 1, 1, -1))
     per_row = max(1, batch * heads * grid.nk)
     band = max(1, _EVAL_CHUNK_ELEMENTS // (per_row * grid.block_q)) * grid.block_q
     parts = []
     for r0 in range(0, grid.nq, band):
         r1 = min(grid.nq, r0 + band)
-        q = (torch.arange(r0, r1, device=grid.device) + grid.offset).view(1, 1, -1, 1)
+        q = grid.positions.queries(torch.arange(r0, r1, device=grid.device).view(1, 1, -1, 1))
         allowed = mask.allowed(b, h, q, k)
         shape = torch.broadcast_shapes(allowed.shape, (1, 1, r1 - r0, grid.nk))
         parts.append(count_tiles(torch.broadcast_to(allowed, shape), grid.block_q, grid.block_k))
@@ -205,15 +292,15 @@ def evaluate_block_kinds(mask: Mask, grid: TileGrid, batch: int, heads: int) -> 
 
 
 class Causal(Mask):
-    """Key ``k`` is visible from query ``q`` iff ``k <= q`` (bottom-right aligned)."""
+    """Key ``k`` is visible from query ``q`` iff ``k <= q`` (positions; bottom-right by default)."""
 
     def allowed(self, b, h, q, k):
         return k <= q
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql = grid.q_bounds()
-        kf, kl = grid.k_bounds()
-        return tile_kinds(kf[None, :] > ql[:, None], kl[None, :] <= qf[:, None])[None, None]
+        qf, ql = grid.query_bounds()
+        kf, kl = grid.key_bounds()
+        return tile_kinds(kf > ql, kl <= qf)
 
     def __repr__(self):
         return "causal()"
@@ -234,12 +321,11 @@ class SlidingWindow(Mask):
         return (k >= q - self.left) & (k <= q + self.right)
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql = grid.q_bounds()
-        kf, kl = grid.k_bounds()
-        kf, kl, qf, ql = kf[None, :], kl[None, :], qf[:, None], ql[:, None]
+        qf, ql = grid.query_bounds()
+        kf, kl = grid.key_bounds()
         empty = (kl < qf - self.left) | (kf > ql + self.right)
         full = (kf >= ql - self.left) & (kl <= qf + self.right)
-        return tile_kinds(empty, full)[None, None]
+        return tile_kinds(empty, full)
 
     def __repr__(self):
         return f"sliding_window({self.left}, {self.right})"
@@ -261,6 +347,11 @@ def _broadcast_index(index: Tensor, size: int) -> Tensor:
     return index if size > 1 else torch.zeros_like(index)
 
 
+def _table_batch(table: Tensor) -> Tensor:
+    """``(n, 1, 1, 1)`` batch indices into the rows of a per-batch table (``n`` = its rows)."""
+    return torch.arange(table.shape[0], device=table.device).view(-1, 1, 1, 1)
+
+
 def _in_key_prefix(lengths: Tensor, b: Tensor, k: Tensor) -> Tensor:
     """``k < lengths[b]``: the key lies in its batch element's first ``lengths[b]`` positions."""
     return k < lengths[_broadcast_index(b, lengths.shape[0])]
@@ -268,32 +359,38 @@ def _in_key_prefix(lengths: Tensor, b: Tensor, k: Tensor) -> Tensor:
 
 def _key_prefix_kinds(lengths: Tensor, grid: TileGrid) -> Tensor:
     """Tile kinds ``(B|1, 1, nQB, nKB)`` of :func:`_in_key_prefix`: the same for every query tile."""
-    kf, kl = grid.k_bounds()
+    kf, kl = grid.key_bounds()
     lengths = lengths.view(-1, 1, 1, 1)
     return tile_kinds(kf >= lengths, kl < lengths).expand(-1, -1, grid.num_q_blocks, -1)
 
 
+def _positions(positions: Positions | None, nq: int, nk: int) -> Positions:
+    return positions if positions is not None else Positions.default(nq, nk)
+
+
 class KeyPadding(Mask):
-    """Key ``k`` is visible iff ``k < lengths[b]``: the first ``lengths[b]`` keys of batch
-    element ``b`` are real, the rest padding."""
+    """Key ``k`` is visible iff ``k < lengths[b]`` (a position): the first ``lengths[b]`` keys of
+    batch element ``b`` are real, the rest padding."""
 
     def __init__(self, lengths):
         self.lengths = _int_vector("key_padding: lengths", lengths)
 
-    def bind(self, batch, heads, nq, nk, device):
+    def bind(self, batch, heads, nq, nk, device, positions=None):
         n = self.lengths.numel()
         if n not in (1, batch):
             raise ValueError(f"key_padding: lengths has {n} entries, expected 1 or batch={batch}")
-        if n and (int(self.lengths.min()) < 0 or int(self.lengths.max()) > nk):
+        explicit = positions is not None and positions.explicit
+        if n and (int(self.lengths.min()) < 0 or (not explicit and int(self.lengths.max()) > nk)):
             raise ValueError(f"key_padding: lengths must lie in [0, Nk={nk}], "
-                             f"got {self.lengths.tolist()}")
+                             f"got {self.lengths.tolist()}" if not explicit else
+                             f"key_padding: lengths must be >= 0, got {self.lengths.tolist()}")
         return self._bound_copy(lengths=self.lengths.to(device))
 
     def allowed(self, b, h, q, k):
         return _in_key_prefix(self.lengths, b, k)
 
     def block_kinds(self, grid, batch, heads):
-        return _key_prefix_kinds(self.lengths, grid)
+        return _key_prefix_kinds(self.lengths.to(grid.device), grid)
 
     def __repr__(self):
         return f"key_padding({self.lengths.tolist()})"
@@ -303,9 +400,9 @@ class Document(Mask):
     """Packed sequences: key ``k`` is visible iff it lies in the same document (segment id) as
     the query, and, with ``causal=True``, also ``k <= q``.
 
-    ``segment_ids`` are per key position, ``(Nk,)`` or ``(B, Nk)``; queries take the id at their
-    position. For cross-attention between two packed sequences pass ``q_segment_ids`` (``(Nq,)`` or
-    ``(B, Nq)``), indexed by query row.
+    ``segment_ids`` are per position, ``(L,)`` or ``(B, L)``, covering every key position (and every
+    query position); queries take the id at their position. For cross-attention between two packed
+    sequences pass ``q_segment_ids`` (``(Nq,)`` or ``(B, Nq)``), indexed by query row.
     """
 
     def __init__(self, segment_ids, causal: bool = False, q_segment_ids=None):
@@ -313,30 +410,43 @@ class Document(Mask):
         self.q_segment_ids = None if q_segment_ids is None else self._as_rows(
             _int_vector("document: q_segment_ids", q_segment_ids, allow_2d=True))
         self.causal = bool(causal)
+        self._positions = None
 
     @staticmethod
     def _as_rows(ids: Tensor) -> Tensor:
         return ids.view(1, -1) if ids.dim() == 1 else ids
 
-    def bind(self, batch, heads, nq, nk, device):
-        for name, ids, n in (("segment_ids", self.segment_ids, nk), ("q_segment_ids", self.q_segment_ids, nq)):
-            if ids is None:
-                continue
-            if ids.shape[0] not in (1, batch):
+    def bind(self, batch, heads, nq, nk, device, positions=None):
+        pos = _positions(positions, nq, nk)
+        for name, ids in (("segment_ids", self.segment_ids), ("q_segment_ids", self.q_segment_ids)):
+            if ids is not None and ids.shape[0] not in (1, batch):
                 raise ValueError(f"document: {name} has batch size {ids.shape[0]}, expected 1 or {batch}")
-            if ids.shape[1] != n:
-                raise ValueError(f"document: {name} has length {ids.shape[1]}, expected "
-                                 f"{'Nk' if name == 'segment_ids' else 'Nq'}={n}")
-        if self.q_segment_ids is None and nq > nk:
-            raise ValueError(f"document: Nq={nq} > Nk={nk} leaves queries without a position in "
-                             "segment_ids; pass q_segment_ids for cross-attention")
+        if self.q_segment_ids is not None and self.q_segment_ids.shape[1] != nq:
+            raise ValueError(f"document: q_segment_ids has length {self.q_segment_ids.shape[1]}, expected Nq={nq}")
+        length = self.segment_ids.shape[1]
+        if not pos.explicit:
+            if length != nk:
+                raise ValueError(f"document: segment_ids has length {length}, expected Nk={nk}")
+            if self.q_segment_ids is None and nq > nk:
+                raise ValueError(f"document: Nq={nq} > Nk={nk} leaves queries without a position in "
+                                 "segment_ids; pass q_segment_ids for cross-attention")
+        else:
+            spans = [("key", pos.key_span())] + ([("query", pos.query_span())] if self.q_segment_ids is None else [])
+            for what, (lo, hi) in spans:
+                if hi >= lo and (lo < 0 or hi >= length):
+                    raise ValueError(f"document: {what} positions {lo}..{hi} are not covered by segment_ids "
+                                     f"of length {length} (indexed by position)"
+                                     + ("; pass q_segment_ids for cross-attention" if what == "query" else ""))
         return self._bound_copy(
-            segment_ids=self.segment_ids.to(device), _offset=nk - nq,
+            segment_ids=self.segment_ids.to(device), _positions=pos.to(device),
             q_segment_ids=None if self.q_segment_ids is None else self.q_segment_ids.to(device))
 
     def _query_ids(self, b: Tensor, q: Tensor) -> Tensor:
         if self.q_segment_ids is not None:
-            return self._gather(self.q_segment_ids, b, q - self._offset)
+            if self._positions is None:
+                raise ValueError(f"{self!r} with q_segment_ids is not bound to a problem: call "
+                                 "mask.bind(batch, heads, nq, nk, device) first or pass it to qkv.attention")
+            return self._gather(self.q_segment_ids, b, self._positions.query_rows(b, q))
         return self._gather(self.segment_ids, b, q)
 
     @staticmethod
@@ -352,18 +462,18 @@ class Document(Mask):
                          for ids in (self.segment_ids, self.q_segment_ids))
         if not sorted_ids:
             return evaluate_block_kinds(self, grid, batch, heads)
-        qf, ql = grid.q_bounds()
-        kf, kl = grid.k_bounds()
+        kf, kl = grid.key_bounds()
         if self.q_segment_ids is None:
-            q_ids, q_lo, q_hi = self.segment_ids, qf, ql
+            q_ids, (q_lo, q_hi) = self.segment_ids, grid.query_bounds()
         else:
-            q_ids, q_lo, q_hi = self.q_segment_ids, qf - grid.offset, ql - grid.offset
+            q_ids, (q_lo, q_hi) = self.q_segment_ids, grid.q_rows()
         # Sorted ids: a tile's id range is given by its first and last position.
-        q_min, q_max = q_ids[:, q_lo][:, :, None], q_ids[:, q_hi][:, :, None]
-        k_min, k_max = self.segment_ids[:, kf][:, None, :], self.segment_ids[:, kl][:, None, :]
+        kb, qb = _table_batch(self.segment_ids), _table_batch(q_ids)
+        q_min, q_max = q_ids[qb, q_lo], q_ids[qb, q_hi]
+        k_min, k_max = self.segment_ids[kb, kf], self.segment_ids[kb, kl]
         empty = (q_max < k_min) | (k_max < q_min)
         full = (q_min == q_max) & (k_min == k_max) & (q_min == k_min)
-        kinds = tile_kinds(empty, full)[:, None]
+        kinds = tile_kinds(empty, full)
         return torch.minimum(kinds, Causal().block_kinds(grid, batch, heads)) if self.causal else kinds
 
     def __repr__(self):
@@ -371,38 +481,45 @@ class Document(Mask):
 
 
 class GlobalTokens(Mask):
-    """Global tokens (as in Longformer/BigBird): the tokens at ``indices`` attend to every key
-    and every query attends to them. Combine with a local mask: ``sliding_window(w) | global_tokens(idx)``."""
+    """Global tokens (as in Longformer/BigBird): the tokens at positions ``indices`` attend to
+    every key and every query attends to them. Combine with a local mask:
+    ``sliding_window(w) | global_tokens(idx)``."""
 
     def __init__(self, indices):
-        self.indices = _int_vector("global_tokens: indices", indices)
+        self.indices = torch.unique(_int_vector("global_tokens: indices", indices))  # sorted
 
-    def bind(self, batch, heads, nq, nk, device):
-        if self.indices.numel() and (int(self.indices.min()) < 0 or int(self.indices.max()) >= nk):
-            raise ValueError(f"global_tokens: indices must lie in [0, Nk={nk}), got {self.indices.tolist()}")
-        is_global = torch.zeros(nk + 1, dtype=torch.bool, device=device)  # last slot: "no position"
-        is_global[self.indices.to(device)] = True
-        return self._bound_copy(_is_global=is_global, _nk=nk)
+    def bind(self, batch, heads, nq, nk, device, positions=None):
+        explicit = positions is not None and positions.explicit
+        if self.indices.numel() and (int(self.indices[0]) < 0 or (not explicit and int(self.indices[-1]) >= nk)):
+            raise ValueError(f"global_tokens: indices must lie in [0, Nk={nk}), got {self.indices.tolist()}"
+                             if not explicit else f"global_tokens: indices must be >= 0, got {self.indices.tolist()}")
+        bound = self._bound_copy(indices=self.indices.to(device))
+        if not explicit:  # a position table, for masks built on this one (qkv.sparse_patterns)
+            bound._nk = nk
+            bound._is_global = torch.zeros(nk + 1, dtype=torch.bool, device=device)  # last: "no position"
+            bound._is_global[bound.indices] = True
+        return bound
+
+    def _count_up_to(self, pos: Tensor, right: bool) -> Tensor:
+        """How many global positions are ``< pos`` (``<= pos`` with ``right``)."""
+        return torch.searchsorted(self.indices.to(pos.device), pos.contiguous(), right=right)
 
     def _flag(self, pos: Tensor) -> Tensor:
-        return self._is_global[torch.where(pos < 0, self._nk, pos)]
+        return self._count_up_to(pos, True) > self._count_up_to(pos, False)
 
     def allowed(self, b, h, q, k):
         return self._flag(q) | self._flag(k)
 
     def _tile_any_all(self, first: Tensor, last: Tensor) -> tuple[Tensor, Tensor]:
-        counts = torch.cat([self._is_global.new_zeros(1, dtype=torch.int64),
-                            self._is_global[:-1].to(torch.int64).cumsum(0)])
-        lo, hi = first.clamp(min=0), (last + 1).clamp(min=0)
-        n = counts[hi] - counts[lo]
+        n = self._count_up_to(last, True) - self._count_up_to(first, False)
         return n > 0, n == (last + 1 - first)
 
     def block_kinds(self, grid, batch, heads):
-        q_any, q_all = self._tile_any_all(*grid.q_bounds())
-        k_any, k_all = self._tile_any_all(*grid.k_bounds())
-        empty = ~q_any[:, None] & ~k_any[None, :]
-        full = q_all[:, None] | k_all[None, :]
-        return tile_kinds(empty, full)[None, None]
+        q_any, q_all = self._tile_any_all(*grid.query_bounds())
+        k_any, k_all = self._tile_any_all(*grid.key_bounds())
+        empty = ~q_any & ~k_any
+        full = q_all | k_all
+        return tile_kinds(empty, full)
 
     def __repr__(self):
         return f"global_tokens({self.indices.tolist()})"
@@ -411,7 +528,8 @@ class GlobalTokens(Mask):
 class BlockSparse(Mask):
     """Block-sparse attention: ``layout[..., q // block_size, k // block_size]`` (positions) says
     whether a whole ``block_size x block_size`` block may attend. ``layout`` is bool,
-    ``(nQ, nK)`` or ``(B|1, H|1, nQ, nK)``, covering ``ceil(Nk / block_size)`` blocks both ways."""
+    ``(nQ, nK)`` or ``(B|1, H|1, nQ, nK)``, covering every query and key position (by default
+    ``ceil(Nk / block_size)`` blocks both ways)."""
 
     def __init__(self, layout: Tensor, block_size: int):
         if not isinstance(layout, Tensor) or layout.dtype != torch.bool:
@@ -421,15 +539,24 @@ class BlockSparse(Mask):
         self.layout = _as_4d(layout)
         self.block_size = positive_int("block_sparse: block_size", block_size)
 
-    def bind(self, batch, heads, nq, nk, device):
-        need = math.ceil(nk / self.block_size)
+    def bind(self, batch, heads, nq, nk, device, positions=None):
+        pos = _positions(positions, nq, nk)
         lb, lh, lq, lk = self.layout.shape
         if lb not in (1, batch) or lh not in (1, heads):
             raise ValueError(f"block_sparse: layout shape {tuple(self.layout.shape)} does not match "
                              f"batch={batch}, heads={heads}")
-        if lq < need or lk < need:
-            raise ValueError(f"block_sparse: layout {lq}x{lk} does not cover Nk={nk} positions in "
-                             f"blocks of {self.block_size} ({need}x{need} needed)")
+        if not pos.explicit:
+            need = math.ceil(nk / self.block_size)
+            if lq < need or lk < need:
+                raise ValueError(f"block_sparse: layout {lq}x{lk} does not cover Nk={nk} positions in "
+                                 f"blocks of {self.block_size} ({need}x{need} needed)")
+        else:
+            q_hi, k_hi = pos.query_span()[1], pos.key_span()[1]
+            need_q, need_k = max(q_hi, -1) // self.block_size + 1, max(k_hi, -1) // self.block_size + 1
+            if lq < need_q or lk < need_k:
+                raise ValueError(f"block_sparse: layout {lq}x{lk} does not cover query positions up to {q_hi} "
+                                 f"and key positions up to {k_hi} in blocks of {self.block_size} "
+                                 f"({need_q}x{need_k} needed)")
         return self._bound_copy(layout=self.layout.to(device))
 
     def allowed(self, b, h, q, k):
@@ -439,17 +566,19 @@ class BlockSparse(Mask):
         return cell & (q >= 0)
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql = grid.q_bounds()
-        kf, kl = grid.k_bounds()
+        qf, ql = grid.query_bounds()
+        kf, kl = grid.key_bounds()
         bs = self.block_size
+        layout = self.layout.to(grid.device)
         # 2-D prefix sums over the layout: count of allowed cells in any rectangle.
-        sums = torch.nn.functional.pad(self.layout.to(torch.int64).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        sums = torch.nn.functional.pad(layout.to(torch.int64).cumsum(-1).cumsum(-2), (1, 0, 1, 0))
         r0, r1 = qf.clamp(min=0) // bs, ql.clamp(min=-1) // bs + 1
         c0, c1 = kf // bs, kl // bs + 1
-        r0, r1, c0, c1 = r0[:, None], r1[:, None], c0[None, :], c1[None, :]
-        count = sums[..., r1, c1] - sums[..., r0, c1] - sums[..., r1, c0] + sums[..., r0, c0]
+        bi = _table_batch(layout)
+        hi = torch.arange(layout.shape[1], device=grid.device).view(1, -1, 1, 1)
+        count = sums[bi, hi, r1, c1] - sums[bi, hi, r0, c1] - sums[bi, hi, r1, c0] + sums[bi, hi, r0, c0]
         area = (r1 - r0).clamp(min=0) * (c1 - c0)
-        no_negative_rows = (qf >= 0)[:, None]  # queries before position 0 see nothing
+        no_negative_rows = qf >= 0  # queries before position 0 see nothing
         return tile_kinds(count == 0, (count == area) & (area > 0) & no_negative_rows)
 
     def __repr__(self):
@@ -457,7 +586,8 @@ class BlockSparse(Mask):
 
 
 class TensorMask(Mask):
-    """A materialised bool mask, broadcastable to ``(B, H, Nq, Nk)``, indexed by query row."""
+    """A materialised bool mask, broadcastable to ``(B, H, Nq, Nk)``, indexed by query row and key
+    column (not by position)."""
 
     def __init__(self, tensor: Tensor):
         if not isinstance(tensor, Tensor) or tensor.dtype != torch.bool:
@@ -466,8 +596,9 @@ class TensorMask(Mask):
             raise ValueError(f"mask: expected at most 4 dims (B, H, Nq, Nk), got shape {tuple(tensor.shape)}")
         self.given_shape = tuple(tensor.shape)
         self.tensor = _as_4d(tensor)
+        self._positions = None
 
-    def bind(self, batch, heads, nq, nk, device):
+    def bind(self, batch, heads, nq, nk, device, positions=None):
         expected = (batch, heads, nq, nk)
         for size, want, name in zip(self.tensor.shape, expected, ("batch", "heads", "Nq", "Nk")):
             if size not in (1, want):
@@ -475,18 +606,21 @@ class TensorMask(Mask):
                                  f"(B, H, Nq, Nk) = {expected} ({name}: {size} vs {want})")
         if device is not None and self.tensor.device != torch.device(device):
             raise ValueError(f"mask: on {self.tensor.device}, but q is on {device}")
-        return self._bound_copy(_offset=nk - nq)
+        return self._bound_copy(_positions=_positions(positions, nq, nk).to(self.tensor.device))
 
     def allowed(self, b, h, q, k):
-        rows = q - self._offset
-        index = [_broadcast_index(i, size) for i, size in zip((b, h, rows, k), self.tensor.shape)]
+        if self._positions is None:
+            raise ValueError(f"{self!r} is not bound to a problem: call mask.bind(batch, heads, nq, nk, device) "
+                             "first or pass it to qkv.attention")
+        rows, cols = self._positions.query_rows(b, q), self._positions.key_cols(b, k)
+        index = [_broadcast_index(i, size) for i, size in zip((b, h, rows, cols), self.tensor.shape)]
         return self.tensor[tuple(index)]
 
     def block_kinds(self, grid, batch, heads):
-        kinds = count_tiles(self.tensor, grid.block_q, grid.block_k)
+        kinds = count_tiles(self.tensor, grid.block_q, grid.block_k).to(grid.device)
         return kinds.expand(-1, -1, grid.num_q_blocks, grid.num_k_blocks)
 
-    def dense(self, batch, heads, nq, nk, device=None):
+    def dense(self, batch, heads, nq, nk, device=None, positions=None):
         return self.tensor
 
     def __repr__(self):
@@ -512,8 +646,8 @@ class _Combined(Mask):
     def __init__(self, *parts: Mask):
         self.parts = parts
 
-    def bind(self, batch, heads, nq, nk, device):
-        return type(self)(*(p.bind(batch, heads, nq, nk, device) for p in self.parts))
+    def bind(self, batch, heads, nq, nk, device, positions=None):
+        return type(self)(*(bind_mask(p, batch, heads, nq, nk, device, positions) for p in self.parts))
 
 
 class And(_Combined):
@@ -547,22 +681,22 @@ class Not(_Combined):
         return ~self.parts[0].allowed(b, h, q, k)
 
     def block_kinds(self, grid, batch, heads):
-        return FULL - self.parts[0].block_kinds(grid, batch, heads)
+        return int(FULL) - self.parts[0].block_kinds(grid, batch, heads)
 
     def __repr__(self):
         return f"~{self.parts[0]!r}"
 
 
 class PrefixLM(Mask):
-    """Prefix-LM: the first ``prefix_len[b]`` keys are visible to every query, the rest causally.
-    A prefix longer than the sequence makes the whole sequence bidirectional."""
+    """Prefix-LM: the keys at positions below ``prefix_len[b]`` are visible to every query, the
+    rest causally. A prefix longer than the sequence makes the whole sequence bidirectional."""
 
     def __init__(self, prefix_len):
         self.prefix_len = _int_vector("prefix_lm: prefix_len", prefix_len)
         if self.prefix_len.numel() and int(self.prefix_len.min()) < 0:
             raise ValueError(f"prefix_lm: prefix_len must be >= 0, got {self.prefix_len.tolist()}")
 
-    def bind(self, batch, heads, nq, nk, device):
+    def bind(self, batch, heads, nq, nk, device, positions=None):
         if self.prefix_len.numel() not in (1, batch):
             raise ValueError(f"prefix_lm: prefix_len has {self.prefix_len.numel()} entries, expected 1 or batch={batch}")
         return self._bound_copy(prefix_len=self.prefix_len.to(device))
@@ -571,7 +705,8 @@ class PrefixLM(Mask):
         return _in_key_prefix(self.prefix_len, b, k) | (k <= q)
 
     def block_kinds(self, grid, batch, heads):
-        return torch.maximum(_key_prefix_kinds(self.prefix_len, grid), Causal().block_kinds(grid, batch, heads))
+        prefix = _key_prefix_kinds(self.prefix_len.to(grid.device), grid)
+        return torch.maximum(prefix, Causal().block_kinds(grid, batch, heads))
 
     def __repr__(self):
         return f"prefix_lm({self.prefix_len.tolist()})"
@@ -630,7 +765,7 @@ def from_function(fn: Callable[[Tensor, Tensor, Tensor, Tensor], Tensor], name: 
 
 
 __all__ = [
-    "EMPTY", "PARTIAL", "FULL", "TileGrid", "Mask",
+    "EMPTY", "PARTIAL", "FULL", "TileKind", "TileGrid", "Mask", "bind_mask",
     "causal", "sliding_window", "key_padding", "document", "prefix_lm", "global_tokens",
     "block_sparse", "from_tensor", "from_function",
 ]

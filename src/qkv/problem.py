@@ -15,7 +15,9 @@ import torch
 from torch import Tensor
 
 from . import dropout as _dropout
-from .masks import Mask, TileGrid, from_tensor, merge_over_batch_and_heads
+from .layout import BlockLayout, cached_layout
+from .masks import Mask, TileGrid, bind_mask, from_tensor
+from .positions import Offset, Positions
 from .scores import ScoreMod, as_score_mod
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
@@ -27,7 +29,8 @@ class Problem:
 
     Shapes: ``q (B, Hq, Nq, D)``, ``k (B, Hkv, Nk, D)``, ``v (B, Hkv, Nk, Dv)``, ``Hq % Hkv == 0``.
     ``mask`` is a bound :class:`~qkv.masks.Mask` or None; ``bias`` an additive float tensor
-    broadcastable to ``(B, Hq, Nq, Nk)`` or None.
+    broadcastable to ``(B, Hq, Nq, Nk)`` or None. ``positions`` (:class:`~qkv.positions.Positions`)
+    place query rows and key columns; ``q_offset`` / ``k_offset`` are its offsets.
     """
 
     q: Tensor
@@ -40,7 +43,23 @@ class Problem:
     dropout_p: float = 0.0
     seed: int | None = None
     return_lse: bool = False
-    _block_kinds: dict = field(default_factory=dict, repr=False)
+    positions: Positions | None = None
+    mask_source: Mask | None = field(default=None, repr=False)  # the user's mask object (layout cache)
+    _layouts: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.positions is None:
+            self.positions = Positions.default(self.nq, self.nk)
+
+    @property
+    def q_offset(self) -> Offset:
+        """Position of query row 0: an int, or ``(B,)`` int64 on :attr:`index_device`."""
+        return self.positions.q_offset
+
+    @property
+    def k_offset(self) -> Offset:
+        """Position of key column 0: an int, or ``(B,)`` int64 on :attr:`index_device`."""
+        return self.positions.k_offset
 
     @property
     def batch(self) -> int:
@@ -99,19 +118,38 @@ class Problem:
         tensors = [self.q, self.k, self.v, self.bias, *(self.score_mod.tensors if self.score_mod else ())]
         return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
-    def block_kinds(self, block_q: int, block_k: int) -> Tensor:
-        """``(nQB, nKB)`` tile kinds of the mask merged over batch and heads (all FULL without a
-        mask). Cached per tile size, so the dispatcher's estimate and the backend share it."""
+    def layout(self, block_q: int, block_k: int) -> BlockLayout:
+        """The mask's :class:`~qkv.layout.BlockLayout` for ``(block_q x block_k)`` tiles (all FULL
+        without a mask). Kept per tile size for this call, and cached on the user's mask object
+        across calls with the same shapes, positions and device (a model's layers share it)."""
         key = (block_q, block_k)
-        if key not in self._block_kinds:
-            grid = TileGrid(self.nq, self.nk, block_q, block_k, self.index_device)
+        if key not in self._layouts:
             if self.mask is None:
-                kinds = torch.full((grid.num_q_blocks, grid.num_k_blocks), 2, dtype=torch.int8)
+                layout = BlockLayout.full(block_q, block_k, self.nq, self.nk, self.index_device)
             else:
-                kinds = merge_over_batch_and_heads(
-                    self.mask.block_kinds(grid, self.batch, self.q_heads)).cpu()
-            self._block_kinds[key] = kinds
-        return self._block_kinds[key]
+                layout = self._mask_layout(block_q, block_k)
+            self._layouts[key] = layout
+        return self._layouts[key]
+
+    def _mask_layout(self, block_q: int, block_k: int) -> BlockLayout:
+        grid = TileGrid(self.nq, self.nk, block_q, block_k, self.index_device, self.positions)
+
+        def build() -> BlockLayout:
+            kinds = self.mask.block_kinds(grid, self.batch, self.q_heads)
+            while kinds.dim() < 4:
+                kinds = kinds.unsqueeze(0)
+            return BlockLayout(kinds.to(self.index_device), block_q, block_k, self.nq, self.nk)
+
+        where = self.positions.cache_key()
+        if self.mask_source is None or where is None:
+            return build()
+        key = ("layout", self.batch, self.q_heads, block_q, block_k, where, str(self.index_device))
+        return cached_layout(self.mask_source, key, build)
+
+    def block_kinds(self, block_q: int, block_k: int) -> Tensor:
+        """``(nQB, nKB)`` tile kinds merged over batch and heads, on the CPU:
+        ``self.layout(block_q, block_k).merged()``."""
+        return self.layout(block_q, block_k).merged()
 
     @property
     def index_device(self) -> torch.device:
@@ -172,7 +210,7 @@ def _split_mask(mask, q: Tensor, nk: int) -> tuple[Mask | None, Tensor | None]:
 
 
 def make_problem(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,
-                 return_lse=False) -> Problem:
+                 return_lse=False, q_offset=None, k_offset=0) -> Problem:
     """Validate the arguments of :func:`qkv.attention` and bundle them into a :class:`Problem`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         _check_tensor(name, t)
@@ -187,12 +225,15 @@ def make_problem(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     batch, heads, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
     index_device = torch.device("cpu") if q.device.type == "meta" else q.device
+    positions = Positions.make(batch, nq, nk, q_offset, k_offset, index_device)
     bool_mask, bias = _split_mask(mask, q, nk)
+    mask_source = bool_mask
     if bool_mask is not None:
-        bool_mask = bool_mask.bind(batch, heads, nq, nk, index_device)
+        bool_mask = bind_mask(bool_mask, batch, heads, nq, nk, index_device, positions)
     score_mod = as_score_mod(score_mod)
     if score_mod is not None:
         score_mod = score_mod.bind(batch, heads, nq, nk, q.device)
     seed = _dropout.draw_seed(generator, q.device) if dropout_p > 0 else None
     return Problem(q, k, v, mask=bool_mask, bias=bias, scale=float(scale), score_mod=score_mod,
-                   dropout_p=float(dropout_p), seed=seed, return_lse=bool(return_lse))
+                   dropout_p=float(dropout_p), seed=seed, return_lse=bool(return_lse), positions=positions,
+                   mask_source=mask_source)

@@ -2,17 +2,22 @@
 
 A modifier maps ``(score, b, h, q, k) -> score`` where ``score`` holds scaled scores
 ``q . k * scale`` (float32 or float64) and ``b, h, q, k`` are broadcastable int64 index tensors:
-batch, query head, query position and key position (positions as in :mod:`qkv.masks`: queries
-aligned bottom-right). Only broadcasting ops may be used, so a modifier serves a whole score
+batch, query head, query position and key position (positions as in :mod:`qkv.positions`: by
+default queries aligned bottom-right; ``q_offset``/``k_offset`` move them). Only broadcasting ops may be used, so a modifier serves a whole score
 matrix or one tile of it.
 
 Learnable tensors (a relative-position table, trainable ALiBi slopes) are declared in
 :class:`ScoreMod` rather than captured by a closure: the function receives them as extra
 arguments, which lets fused backends return their gradients.
+
+Binding. A modifier binds to each call (:meth:`ScoreMod.bind`): built-in constant tables (the
+ALiBi slopes made from a head count) follow ``q``'s device; tensors the user passed (learnable
+tables, chosen slopes) must already be on it, or ``bind`` raises a ``ValueError`` saying so.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 
@@ -31,11 +36,13 @@ class ScoreMod:
     """
 
     def __init__(self, fn: Callable[..., Tensor], tensors: tuple[Tensor, ...] = (), name: str | None = None,
-                 check: Callable[[int, int, int, int], None] | None = None):
+                 check: Callable[[int, int, int, int], None] | None = None, constant: bool = False):
         if not callable(fn):
             raise TypeError(f"score_mod must be callable, got {type(fn).__name__}")
         self.fn, self.tensors, self.check = fn, tuple(tensors), check
         self.name = name or getattr(fn, "__name__", "score_mod")
+        #: Per tensor: a built-in constant (moved to q's device at bind) rather than a user tensor.
+        self.constants = (bool(constant),) * len(self.tensors)
 
     def apply(self, tensors, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         return self.fn(score, b, h, q, k, *tensors)
@@ -44,13 +51,24 @@ class ScoreMod:
         return self.apply(self.tensors, score, b, h, q, k)
 
     def bind(self, batch: int, heads: int, nq: int, nk: int, device) -> ScoreMod:
-        """Check the modifier against a problem's sizes (``ValueError`` if it does not fit)."""
-        for t in self.tensors:
+        """Check the modifier against a problem's sizes (``ValueError`` if it does not fit) and
+        return it ready for ``device``: constant tables moved there, user tensors checked."""
+        device = torch.device(device)
+        moved = []
+        for t, constant in zip(self.tensors, self.constants):
             if t.device != device:
-                raise ValueError(f"score_mod {self.name}: tensor on {t.device}, but q is on {device}")
+                if not constant:
+                    raise ValueError(f"score_mod {self.name}: tensor on {t.device}, but q is on {device}; "
+                                     f"move it to {device} first (learnable tensors are never copied)")
+                t = t.to(device)
+            moved.append(t)
         if self.check is not None:
             self.check(batch, heads, nq, nk)
-        return self
+        if all(a is b for a, b in zip(moved, self.tensors)):
+            return self
+        bound = copy.copy(self)
+        bound.tensors = tuple(moved)
+        return bound
 
     def __repr__(self):
         return self.name
@@ -92,7 +110,8 @@ def alibi(slopes: Tensor | int, symmetric: bool = False) -> ScoreMod:
     ``slopes`` is a ``(H,)`` tensor (may require grad) or a head count for :func:`alibi_slopes`.
     ``symmetric=True`` uses ``-slope[h] * |k - q|`` for bidirectional encoders.
     """
-    if isinstance(slopes, int):
+    constant = isinstance(slopes, int) and not isinstance(slopes, bool)
+    if constant:
         slopes = alibi_slopes(slopes)
     if not isinstance(slopes, Tensor) or slopes.dim() != 1 or not slopes.is_floating_point():
         raise TypeError("alibi: slopes must be a 1-D floating tensor (one slope per query head) or an int")
@@ -101,7 +120,7 @@ def alibi(slopes: Tensor | int, symmetric: bool = False) -> ScoreMod:
         distance = -(k - q).abs() if symmetric else k - q
         return score + slopes.to(score.dtype)[h] * distance
 
-    return ScoreMod(alibi_bias, (slopes,), check=_one_per_head(slopes, "alibi: slopes"),
+    return ScoreMod(alibi_bias, (slopes,), check=_one_per_head(slopes, "alibi: slopes"), constant=constant,
                     name=f"alibi({slopes.numel()} heads{', symmetric' if symmetric else ''})")
 
 
@@ -173,8 +192,10 @@ def chain(*mods: ScoreMod | Callable) -> ScoreMod:
             if p.check is not None:
                 p.check(batch, heads, nq, nk)
 
-    return ScoreMod(chained, tuple(t for p in parts for t in p.tensors),
-                    name=" -> ".join(p.name for p in parts), check=check)
+    mod = ScoreMod(chained, tuple(t for p in parts for t in p.tensors),
+                   name=" -> ".join(p.name for p in parts), check=check)
+    mod.constants = tuple(c for p in parts for c in p.constants)
+    return mod
 
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "softcap", "relative_bias", "chain", "as_score_mod"]

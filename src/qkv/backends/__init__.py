@@ -11,6 +11,7 @@ from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend, TileSizes
+from .triton import TritonBackend
 
 REGISTRY: dict[str, Backend] = {}
 
@@ -20,7 +21,8 @@ def register(backend: Backend) -> None:
     REGISTRY[backend.name] = backend
 
 
-for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), FlexBackend()):
+for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), TritonBackend(), FlexBackend()):
     register(_backend)
 
-__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend", "FlexBackend"]
+__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend", "TritonBackend",
+           "FlexBackend"]

@@ -29,6 +29,7 @@ class Rates:
     tiled_score: float            # tiled, fixed part per visited score (max, exp, sum, scaling)
     tiled_score_per_dim: float    # tiled, per visited score and per unit of D + Dv
     tiled_partial_score: float    # tiled, extra per score on a partial tile (mask evaluation)
+    tiled_bias_score: float       # tiled, extra per visited score with a float mask (slice, add)
     tiled_step: float             # tiled, fixed cost of one run of tiles (Python, dispatch)
     reference_score: float        # reference, per score (materialised softmax)
     sdpa_backward: float          # backward / forward time
@@ -36,16 +37,19 @@ class Rates:
 
 
 #: CPU: fitted on 2 cores of an x86-64 server (AVX-512), torch 2.13, B=1 H=4 D=64 float32.
+#: ``tiled_bias_score`` refitted with ``benchmarks/tiled_bias_cost.py`` (one thread, CPU time, so
+#: that other jobs on the cores do not matter): a float mask made the forward x1.24-1.62 slower at
+#: N = 1k-16k (2.3-3.2 ns per score on one thread, about 1 ns on two); forward + backward x1.3.
 #: CUDA: order-of-magnitude guesses for a Hopper GPU, where torch's fused kernels are far ahead of
 #: a PyTorch-level tiled loop; to be fitted when measured.
 RATES = {
     "cpu": Rates(sdpa_score=0.3e-9, sdpa_score_per_dim=0.0083e-9, sdpa_causal_fraction=0.57,
                  sdpa_mask_slowdown=1.5, mask_element=0.8e-9, tiled_score=0.6e-9,
-                 tiled_score_per_dim=0.0102e-9, tiled_partial_score=3e-9, tiled_step=1.2e-4,
+                 tiled_score_per_dim=0.0102e-9, tiled_partial_score=3e-9, tiled_bias_score=1.0e-9, tiled_step=1.2e-4,
                  reference_score=10e-9, sdpa_backward=2.6, tiled_backward=3.3),
     "cuda": Rates(sdpa_score=2e-13, sdpa_score_per_dim=2e-15, sdpa_causal_fraction=0.55,
                   sdpa_mask_slowdown=2.0, mask_element=5e-13, tiled_score=2e-12, tiled_score_per_dim=4e-15,
-                  tiled_partial_score=2e-12, tiled_step=2e-4, reference_score=5e-12, sdpa_backward=2.5,
+                  tiled_partial_score=2e-12, tiled_bias_score=2e-12, tiled_step=2e-4, reference_score=5e-12, sdpa_backward=2.5,
                   tiled_backward=3.0),
 }
 
@@ -102,7 +106,8 @@ def tiled(problem: Problem, sizes) -> float:
         changes = kinds[:, 1:] != kinds[:, :-1]
         starts = int((kinds[:, 0] != EMPTY).sum()) + int((changes & (kinds[:, 1:] != EMPTY)).sum())
         steps = max(starts, int((kinds != EMPTY).sum()) * sizes.block_k // sizes.max_run)
-    t = (visited * (r.tiled_score + r.tiled_score_per_dim * _dims(problem))
+    bias = r.tiled_bias_score if problem.bias is not None else 0.0
+    t = (visited * (r.tiled_score + r.tiled_score_per_dim * _dims(problem) + bias)
          + partial * r.tiled_partial_score + steps * r.tiled_step)
     return _with_backward(problem, t, r.tiled_backward)
 

@@ -11,7 +11,6 @@ import torch
 from torch import Tensor
 
 from .. import dropout as _dropout
-from ..masks import position_grid
 from ..problem import Problem
 from . import costs
 
@@ -22,7 +21,7 @@ def hidden_entries(problem: Problem) -> Tensor | None:
     p = problem
     hidden = None
     if p.mask is not None:
-        b, h, qi, ki = position_grid(p.batch, p.q_heads, p.nq, p.nk, p.index_device)
+        b, h, qi, ki = p.positions.grid(p.batch, p.q_heads, p.index_device)
         hidden = ~p.mask.allowed(b, h, qi, ki)
     if p.bias is not None:
         minus_inf = p.bias == float("-inf")
@@ -41,7 +40,7 @@ def scores(problem: Problem, hidden: Tensor | None = None, k: Tensor | None = No
     q = p.q.to(dtype)
     k = (p.k if k is None else k).to(dtype).repeat_interleave(p.group, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) * p.scale
-    b, h, qi, ki = position_grid(p.batch, p.q_heads, p.nq, p.nk, p.index_device)
+    b, h, qi, ki = p.positions.grid(p.batch, p.q_heads, p.index_device)
     if p.score_mod is not None:
         s = p.score_mod(s, b, h, qi, ki)
     if p.bias is not None:
@@ -93,7 +92,8 @@ def attention_weights(problem: Problem, hidden: Tensor | None = None,
 
 def apply_dropout(weights: Tensor, problem: Problem) -> Tensor:
     p = problem
-    b, h, _, _ = position_grid(p.batch, p.q_heads, p.nq, p.nk, p.index_device)
+    b = torch.arange(p.batch, device=p.index_device).view(-1, 1, 1, 1)
+    h = torch.arange(p.q_heads, device=p.index_device).view(1, -1, 1, 1)
     rows = torch.arange(p.nq, device=p.index_device).view(1, 1, -1, 1)
     cols = torch.arange(p.nk, device=p.index_device).view(1, 1, 1, -1)
     keep = _dropout.keep_mask(p.seed, p.dropout_p, b, h, p.q_heads, rows, cols)

@@ -31,13 +31,16 @@ MAX_DENSE_MASK_BYTES = 2 << 30
 
 
 def uses_is_causal(problem: Problem) -> bool:
-    """A plain causal mask on a square problem maps onto SDPA's own ``is_causal``."""
-    return isinstance(problem.mask, Causal) and problem.nq == problem.nk and problem.bias is None
+    """A plain causal mask whose query row ``i`` sits at key column ``i`` (SDPA's top-left
+    ``is_causal``; a square problem at the default positions) maps onto ``is_causal``."""
+    return isinstance(problem.mask, Causal) and problem.positions.diagonal == 0 and problem.bias is None
 
 
 def needs_no_mask(problem: Problem) -> bool:
-    """A causal mask over a single newest query (a decoding step) hides nothing."""
-    return isinstance(problem.mask, Causal) and problem.nq == 1
+    """A causal mask over a single query at or after every key (a decoding step) hides nothing."""
+    diagonal = problem.positions.diagonal
+    return (isinstance(problem.mask, Causal) and problem.nq == 1 and diagonal is not None
+            and diagonal >= problem.nk - 1)
 
 
 def dense_mask_bytes(problem: Problem) -> int:
@@ -75,7 +78,7 @@ class SdpaBackend:
         p = problem
         attn_mask = None
         if p.mask is not None and not uses_is_causal(p) and not needs_no_mask(p):
-            attn_mask = p.mask.dense(p.batch, p.q_heads, p.nq, p.nk, p.device)
+            attn_mask = p.mask.dense(p.batch, p.q_heads, p.nq, p.nk, p.device, p.positions)
         if p.bias is not None:
             bias = p.bias.to(p.dtype)
             attn_mask = bias if attn_mask is None else torch.where(attn_mask, bias, float("-inf"))

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import dropout as _dropout
-from ..masks import EMPTY, PARTIAL
+from ..layout import plan_runs  # noqa: F401  (re-exported: qkv.backends.tiled.plan_runs)
 from ..problem import Problem
 from . import costs
 
@@ -44,46 +44,35 @@ class TileSizes:
     max_run: int = 2048
 
 
-def plan_runs(kinds: Tensor, block_k: int, nk: int, max_run: int) -> list[list[tuple[int, int, bool]]]:
-    """Per query block, the key runs ``(start, end, partial)`` to visit, from ``(nQB, nKB)`` tile
-    kinds. Empty tiles are skipped; neighbours of one kind merge into runs of <= ``max_run`` keys."""
-    tiles_per_run = max(1, max_run // block_k)
-    plan = []
-    for row in kinds.tolist():
-        runs: list[tuple[int, int, bool]] = []
-        j, n = 0, len(row)
-        while j < n:
-            kind = row[j]
-            if kind == EMPTY:
-                j += 1
-                continue
-            end = j + 1
-            while end < n and row[end] == kind and end - j < tiles_per_run:
-                end += 1
-            runs.append((j * block_k, min(end * block_k, nk), kind == PARTIAL))
-            j = end
-        plan.append(runs)
-    return plan
-
-
 class _Tiling:
-    """Everything one call needs to compute tiles: the problem in grouped layout and its plan."""
+    """Everything one walk needs to compute tiles: the problem's batch elements ``b0:b1`` in
+    grouped layout, and the key runs they visit."""
 
-    def __init__(self, problem: Problem, sizes: TileSizes):
+    def __init__(self, problem: Problem, sizes: TileSizes, b0: int, b1: int | None, runs):
         p = self.problem = problem
         self.sizes = sizes
-        self.B, self.Hkv, self.G = p.batch, p.kv_heads, p.group
+        self.batch = slice(b0, b1)
+        self.B, self.Hkv, self.G = (p.batch if b1 is None else b1) - b0, p.kv_heads, p.group
         self.cdt = p.compute_dtype
         dev = p.index_device
-        kinds = p.block_kinds(sizes.block_q, sizes.block_k)
-        self.runs = plan_runs(kinds, sizes.block_k, p.nk, sizes.max_run)
-        self.b_idx = torch.arange(self.B, device=dev).view(-1, 1, 1, 1)
-        self.bias5 = None
+        self.runs = runs
+        self.positions = p.positions.select(b0, b1)
+        self.b_idx = torch.arange(b0, b0 + self.B, device=dev).view(-1, 1, 1, 1)
+        self.bias5 = self.bias_shape = None
         if p.bias is not None:
-            bias = p.bias
+            bias = p.bias if p.bias.shape[0] == 1 else p.bias[b0:b1]
+            self.bias_shape = bias.shape
             hb = bias.shape[1]
             shape = (bias.shape[0], self.Hkv, self.G) if hb > 1 else (bias.shape[0], 1, 1)
             self.bias5 = bias.reshape(*shape, *bias.shape[2:])
+        self.keys_seen = None if self.bias5 is None else keys_seen_through_bias(self.bias5)
+
+    def visible_kv(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """``k, v`` in compute dtype, zero at keys a ``-inf`` bias hides from every query."""
+        k, v = k.to(self.cdt), v.to(self.cdt)
+        if self.keys_seen is not None:
+            k, v = torch.where(self.keys_seen, k, 0), torch.where(self.keys_seen, v, 0)
+        return k, v
 
     def rows(self, i: int) -> tuple[int, int]:
         r0 = i * self.sizes.block_q
@@ -105,7 +94,11 @@ class _Tiling:
         rows = torch.arange(r0, r1, device=dev).repeat(G).view(1, 1, -1, 1)
         g = torch.arange(G, device=dev).repeat_interleave(r1 - r0).view(1, 1, -1, 1)
         h = torch.arange(self.Hkv, device=dev).view(1, -1, 1, 1) * G + g
-        return h, rows + (p.nk - p.nq), rows
+        return h, self.positions.queries(rows), rows
+
+    def key_positions(self, c0: int, c1: int) -> Tensor:
+        """Positions of keys ``c0:c1``, ``(B|1, 1, 1, c1 - c0)``."""
+        return self.positions.keys(torch.arange(c0, c1, device=self.problem.index_device).view(1, 1, 1, -1))
 
     def bias_tile(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         """The bias for stacked rows ``r0:r1`` and keys ``c0:c1``, broadcastable to the scores."""
@@ -129,21 +122,23 @@ class _Tiling:
         return ds.sum(dim=dims, keepdim=True) if dims else ds
 
     def hidden(self, r0, r1, c0, c1, partial: bool) -> tuple[Tensor | None, Tensor | None]:
-        """The entries of a tile that the mask hides (on partial runs) or a ``-inf`` bias hides, as
-        a bool tensor broadcastable to the stacked scores, and per key ``(B|1, Hkv|1, keys, 1)``
-        whether any row of this block sees it; ``(None, None)`` when nothing is hidden."""
+        """The entries of a tile that the mask hides (on partial runs; with a score modifier also
+        those a ``-inf`` bias hides), as a bool tensor broadcastable to the stacked scores, and per
+        key ``(B|1, Hkv|1, keys, 1)`` whether any row of this block sees it; ``(None, None)`` when
+        nothing is hidden. Keys that a ``-inf`` bias hides from every query are zeroed once for the
+        whole call (:func:`keys_seen_through_bias`)."""
         p = self.problem
         hide = None
         if partial:
             h, qpos, _ = self.query_index(r0, r1)
-            kpos = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
+            kpos = self.key_positions(c0, c1)
             hide = ~p.mask.allowed(self.b_idx, h, qpos, kpos)
-        if self.bias5 is not None:
+        if self.bias5 is not None and p.score_mod is not None:  # else s + (-inf) is -inf already
             minus_inf = self.bias_tile(r0, r1, c0, c1) == NEG_INF
             hide = minus_inf if hide is None else hide | minus_inf
         if hide is None:
             return None, None
-        return hide, (~hide).any(dim=-2, keepdim=True).transpose(-1, -2)
+        return hide, ~hide.all(dim=-2, keepdim=True).transpose(-1, -2)
 
     @staticmethod
     def visible_only(x: Tensor, seen: Tensor | None) -> Tensor:
@@ -157,7 +152,7 @@ class _Tiling:
         if p.score_mod is None and self.bias5 is None and hide is None:
             return s
         h, qpos, _ = self.query_index(r0, r1)
-        kpos = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
+        kpos = self.key_positions(c0, c1)
         if p.score_mod is not None:
             tensors = p.score_mod.tensors if mod_tensors is None else mod_tensors
             s = p.score_mod.apply(tensors, s, self.b_idx, h, qpos, kpos)
@@ -176,11 +171,27 @@ class _Tiling:
         return keep.to(self.cdt) / (1.0 - p.dropout_p)
 
 
+#: Bias elements compared at once by :func:`keys_seen_through_bias`.
+_BAND_ELEMENTS = 1 << 24
+
+
+def keys_seen_through_bias(bias5: Tensor) -> Tensor:
+    """``(B|1, Hkv|1, Nk|1, 1)``: the key is not ``-inf`` for some query (and query head of its
+    group) in the grouped bias ``(B|1, Hkv|1, G|1, Nq|1, Nk|1)``; read a band of rows at a time."""
+    rows = bias5.shape[3]
+    band = max(1, _BAND_ELEMENTS // max(1, bias5[..., :1, :].numel()))
+    seen = None
+    for r0 in range(0, rows, band):
+        part = (bias5[..., r0:r0 + band, :] != NEG_INF).any(dim=3).any(dim=2)
+        seen = part if seen is None else seen | part
+    return seen.unsqueeze(-1)
+
+
 def _forward(t: _Tiling, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     p = t.problem
-    out = torch.zeros(p.batch, p.q_heads, p.nq, p.v_dim, dtype=p.dtype, device=p.device)
-    lse = torch.full((p.batch, p.q_heads, p.nq), NEG_INF, dtype=t.cdt, device=p.device)
-    k, v = k.to(t.cdt), v.to(t.cdt)
+    out = torch.zeros(t.B, p.q_heads, p.nq, p.v_dim, dtype=p.dtype, device=p.device)
+    lse = torch.full((t.B, p.q_heads, p.nq), NEG_INF, dtype=t.cdt, device=p.device)
+    k, v = t.visible_kv(k, v)
     for i, runs in enumerate(t.runs):
         if not runs:
             continue
@@ -215,10 +226,10 @@ def _backward(t: _Tiling, q, k, v, out, lse, dout, dlse, needs):
     """Gradients for (q, k, v, bias, *score_mod tensors), recomputing probabilities from ``lse``."""
     p = t.problem
     cdt = t.cdt
-    k, v = k.to(cdt), v.to(cdt)
-    dq = torch.zeros(p.batch, p.q_heads, p.nq, p.head_dim, dtype=cdt, device=p.device)
-    dk = torch.zeros(p.batch, p.kv_heads, p.nk, p.head_dim, dtype=cdt, device=p.device)
-    dv = torch.zeros(p.batch, p.kv_heads, p.nk, p.v_dim, dtype=cdt, device=p.device)
+    k, v = t.visible_kv(k, v)
+    dq = torch.zeros(t.B, p.q_heads, p.nq, p.head_dim, dtype=cdt, device=p.device)
+    dk = torch.zeros(t.B, p.kv_heads, p.nk, p.head_dim, dtype=cdt, device=p.device)
+    dv = torch.zeros(t.B, p.kv_heads, p.nk, p.v_dim, dtype=cdt, device=p.device)
     dbias = torch.zeros_like(t.bias5, dtype=cdt) if needs["bias"] else None
     mod = p.score_mod
     mod_grads_wanted = mod is not None and any(needs["mod"])
@@ -275,16 +286,19 @@ def _backward(t: _Tiling, q, k, v, out, lse, dout, dlse, needs):
                 dk[:, :, c0:c1] += ds.transpose(-1, -2) @ qi
         dq[:, :, r0:r1] = t.unstack_rows(dqi * p.scale, r0, r1)
     if dbias is not None:
-        dbias = dbias.reshape(p.bias.shape).to(p.bias.dtype)
+        dbias = dbias.reshape(t.bias_shape).to(p.bias.dtype)
     return (dq.to(q.dtype), dk.to(p.dtype), dv.to(p.dtype), dbias,
             *[None if g is None else g.to(x.dtype) for g, x in zip(dmod, mod.tensors if mod else [])])
 
 
 class _TiledFunction(torch.autograd.Function):
+    """The walks of all batch groups as one autograd node."""
+
     @staticmethod
-    def forward(ctx, tiling: _Tiling, q, k, v, bias, *mod_tensors):
-        out, lse = _forward(tiling, q, k, v)
-        ctx.tiling = tiling
+    def forward(ctx, tilings: list[_Tiling], q, k, v, bias, *mod_tensors):
+        parts = [_forward(t, q[t.batch], k[t.batch], v[t.batch]) for t in tilings]
+        out, lse = (parts[0] if len(parts) == 1 else (torch.cat([o for o, _ in parts]), torch.cat([s for _, s in parts])))
+        ctx.tilings = tilings
         ctx.save_for_backward(q, k, v, out, lse)
         return out, lse
 
@@ -292,7 +306,6 @@ class _TiledFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dout, dlse):
         q, k, v, out, lse = ctx.saved_tensors
-        t = ctx.tiling
         needs = {
             "bias": ctx.needs_input_grad[4],
             "mod": list(ctx.needs_input_grad[5:]),
@@ -300,8 +313,20 @@ class _TiledFunction(torch.autograd.Function):
         }
         if dout is None:
             dout = torch.zeros_like(out)
-        grads = _backward(t, q, k, v, out, lse, dout.contiguous(), dlse, needs)
-        return (None, *grads)
+        dout = dout.contiguous()
+        parts = [_backward(t, q[t.batch], k[t.batch], v[t.batch], out[t.batch], lse[t.batch], dout[t.batch],
+                           None if dlse is None else dlse[t.batch], needs) for t in ctx.tilings]
+        if len(parts) == 1:
+            return (None, *parts[0])
+        bias = ctx.tilings[0].problem.bias
+        grads = [torch.cat(g) for g in zip(*(part[:3] for part in parts))]
+        dbias = [part[3] for part in parts]
+        if dbias[0] is not None:
+            dbias = torch.cat(dbias) if bias.shape[0] > 1 else sum(dbias)
+        else:
+            dbias = None
+        dmod = [None if g[0] is None else sum(g) for g in zip(*(part[4:] for part in parts))]
+        return (None, *grads, dbias, *dmod)
 
 
 class TiledBackend:
@@ -318,6 +343,8 @@ class TiledBackend:
         return costs.tiled(problem, self.sizes)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
-        tiling = _Tiling(problem, self.sizes)
+        s = self.sizes
+        tilings = [_Tiling(problem, s, b0, b1, runs)
+                   for b0, b1, runs in problem.layout(s.block_q, s.block_k).runs(s.max_run)]
         mod_tensors = problem.score_mod.tensors if problem.score_mod is not None else ()
-        return _TiledFunction.apply(tiling, problem.q, problem.k, problem.v, problem.bias, *mod_tensors)
+        return _TiledFunction.apply(tilings, problem.q, problem.k, problem.v, problem.bias, *mod_tensors)

@@ -12,11 +12,11 @@ is written. Caches are for inference: they store keys and values detached, so gr
 into cached keys and values (a step's own new ones stay differentiable within the step).
 """
 
-from .base import CacheFullError, CacheLayer, KVCacheBase
+from .base import CacheFullError, CacheLayer, KVCacheBase, set_debug
 from .contiguous import KVCache
 from .paged import PagedBatch, PagedKVCache
 from .positions import PositionMask
 from .streaming import StreamingKVCache
 
 __all__ = ["KVCache", "PagedKVCache", "PagedBatch", "StreamingKVCache", "CacheFullError", "CacheLayer",
-           "KVCacheBase", "PositionMask"]
+           "KVCacheBase", "PositionMask", "set_debug"]

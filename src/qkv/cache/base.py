@@ -26,12 +26,12 @@ ones are constants.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
 
 import torch
 from torch import Tensor
 
-from ..masks import Mask, causal
+from ..masks import Mask, causal, from_tensor
 from ..validate import positive_int
 from .positions import PositionMask
 
@@ -71,22 +71,80 @@ def check_layout(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch
 
 # -- the step ------------------------------------------------------------------------------------
 
-@dataclass
+#: Extra checks on every step (each layer's keys and values against the cache's layout, the
+#: fast path's bookkeeping against the general one's). Off by default: the checks are made once
+#: per step at the API boundary (``begin``, and a model's check of the cache it is given). Turn on
+#: with :func:`set_debug` or the environment variable ``QKV_CACHE_DEBUG=1``.
+DEBUG = os.environ.get("QKV_CACHE_DEBUG", "") not in ("", "0")
+
+
+def set_debug(enabled: bool) -> None:
+    """Check every layer's update of every step (see :data:`DEBUG`)."""
+    global DEBUG
+    DEBUG = bool(enabled)
+
+
+_CAUSAL = causal()
+
+
 class Step:
-    """What :meth:`KVCacheBase.begin` prepared for one step.
+    """What :meth:`KVCacheBase.begin` prepared for one step of ``n`` new tokens per row.
+
+    ``offset`` is set (an int) on the *uniform* hot path: every row holds ``offset`` tokens and all
+    ``n`` new ones are real, so the new tokens sit at positions ``offset .. offset+n-1`` in every
+    row. ``positions`` ``(B, n)`` int64 on the cache's device and ``counts`` ``(B,)`` int64 on CPU
+    (real tokens per row) are then built only if asked for. ``end`` bounds every position
+    (``< end``), so that position tables need not read the positions back.
+
+    ``q_offset``, ``k_offset`` are the positions of the first query row and key column, as
+    :func:`qkv.attention` takes them (an int or a ``(B,)`` tensor; None and 0 mean bottom-right):
+    masks and score modifiers then see every token's true position.
 
     ``new_columns`` says where the step's tokens sit along the key axis of what ``update``
     returns: a slice (every row's ``n`` tokens at the same columns), or ``(rows, columns,
     tokens)`` index tensors on the cache's device, one entry per real token (token ``tokens[i]``
-    of row ``rows[i]`` is at column ``columns[i]``).
+    of row ``rows[i]`` is at column ``columns[i]``). ``position_mask`` (a callable, or None when
+    ``mask`` is one already) builds a :class:`PositionMask` over the true positions on demand, for
+    score modifiers that must see them. ``checked``: the caller verified that the keys and values
+    it will pass match the cache's layout (``update`` then skips the per-layer check).
     """
 
-    positions: Tensor          # (B, n) int64 on the cache's device
-    counts: Tensor             # (B,) int64 on CPU: real tokens per row
-    mask: Mask | None          # the mask every layer attends with
-    true_positions: bool       # score modifiers must be remapped to true positions (mask is a PositionMask)
-    new_columns: slice | tuple[Tensor, Tensor, Tensor]  # where the new tokens sit in what update returns
-    updated: set[int] = field(default_factory=set)  # layers that stored their keys and values
+    def __init__(self, *, n: int, batch: int, device, end: int, mask: Mask | None, true_positions: bool,
+                 new_columns, offset: int | None = None, positions: Tensor | None = None,
+                 counts: Tensor | None = None, position_mask=None, q_offset=None, k_offset=0):
+        self.n, self.batch, self.device, self.end, self.offset = n, batch, device, end, offset
+        self.q_offset, self.k_offset = q_offset, k_offset  # for qkv.attention (None, 0: bottom-right)
+        self.mask, self.true_positions, self.new_columns = mask, true_positions, new_columns
+        self._positions, self._counts, self._position_mask = positions, counts, position_mask
+        self.checked = False
+        self.updated: set[int] = set()  # layers that stored their keys and values
+
+    @property
+    def positions(self) -> Tensor:
+        """``(B, n)`` int64 positions of the new tokens, on the cache's device."""
+        if self._positions is None:
+            self._positions = torch.arange(self.offset, self.offset + self.n, device=self.device).expand(self.batch, -1)
+        return self._positions
+
+    @property
+    def counts(self) -> Tensor:
+        """``(B,)`` int64 on CPU: real tokens per row."""
+        if self._counts is None:
+            self._counts = torch.full((self.batch,), self.n, dtype=torch.int64)
+        return self._counts
+
+    @property
+    def rope_positions(self) -> int | Tensor:
+        """The int offset on the uniform path (a table slice for RoPE), else :attr:`positions`."""
+        return self.positions if self.offset is None else self.offset
+
+    def true_position_mask(self) -> PositionMask:
+        """A :class:`PositionMask` over the true positions of the keys this step attends to."""
+        if isinstance(self.mask, PositionMask):
+            return self.mask
+        if callable(self._position_mask):
+            self._position_mask = self._position_mask()
+        return self._position_mask
 
 
 def put_tokens(target: Tensor, new: Tensor, where: slice | tuple[Tensor, Tensor, Tensor]) -> None:
@@ -106,26 +164,38 @@ def real_tokens(counts: Tensor) -> tuple[Tensor, Tensor]:
     return rows, torch.arange(rows.shape[0]) - first
 
 
+def uniform_step(start: int, n: int, batch: int, device) -> Step:
+    """The hot path of a cache that holds every row's tokens at key columns ``0 .. start-1``
+    (column = position) and appends ``n`` real tokens to each: the mask is :func:`qkv.causal`
+    (none for one token), which bottom-right alignment makes exact, and no tensor is built."""
+    return Step(n=n, batch=batch, device=device, end=start + n, mask=None if n == 1 else _CAUSAL,
+                true_positions=False, new_columns=slice(start, start + n), offset=start)
+
+
 def appending_step(lengths: Tensor, counts: Tensor, n: int, num_keys: int, device) -> Step:
     """The step of a cache that holds sequence ``b``'s tokens at key columns ``0 .. lengths[b]-1``
     (column = position) and appends the new ones after them, reading ``num_keys`` columns (at
     least ``max(lengths + counts)``; exactly ``lengths[0] + n`` when the batch is uniform).
 
-    Uniform (equal lengths, every token real): the mask is :func:`qkv.causal` (none for one token),
-    which bottom-right alignment makes exact. Otherwise a :class:`PositionMask` over each row's
-    own positions, and ``new_columns`` lists the real tokens."""
-    positions = lengths.to(device)[:, None] + torch.arange(n, device=device)
+    Uniform (equal lengths, every token real): :func:`uniform_step`. Otherwise explicit positions:
+    row ``b``'s queries start at ``q_offset[b] = lengths[b]`` (keys at their columns, ``k_offset =
+    0``) under :func:`qkv.causal`, which then hides every column beyond a query's own position; and
+    ``new_columns`` lists the real tokens."""
+    batch = lengths.shape[0]
     if bool((lengths == lengths[0]).all() and (counts == n).all()):
-        start = int(lengths[0])
-        return Step(positions, counts, None if n == 1 else causal(), False, slice(start, start + n))
+        return uniform_step(int(lengths[0]), n, batch, device)
+    q_offset = lengths.to(device)
+    positions = q_offset[:, None] + torch.arange(n, device=device)
     rows, tokens = real_tokens(counts)
     new_columns = tuple(t.to(device) for t in (rows, lengths[rows] + tokens, tokens))
-    k_positions = torch.arange(num_keys, device=device).expand(lengths.shape[0], -1)
-    # Padding queries see nothing (position -1): the never-written slots of padding tokens are then
-    # hidden from every query, so whatever they hold (a reused page's NaN) cannot reach an output.
-    padding = (torch.arange(n) >= counts[:, None]).to(device)
-    q_positions = positions.masked_fill(padding, -1)
-    return Step(positions, counts, PositionMask(q_positions, k_positions), True, new_columns)
+    mask = _CAUSAL
+    if bool((counts < n).any()):
+        # Padding queries see nothing: the never-written slots of padding tokens are then hidden
+        # from every query, so whatever they hold (a reused page's NaN) cannot reach an output.
+        real_queries = (torch.arange(n) < counts[:, None]).to(device)
+        mask = _CAUSAL & from_tensor(real_queries[:, None, :, None])  # (B, 1, n, 1), by query row
+    return Step(n=n, batch=batch, device=device, end=int(lengths.max()) + n, mask=mask, true_positions=False,
+                new_columns=new_columns, positions=positions, counts=counts, q_offset=q_offset)
 
 
 class CacheLayer:
@@ -136,8 +206,24 @@ class CacheLayer:
 
     @property
     def positions(self) -> Tensor:
-        """``(B, n)`` positions of this step's tokens (for RoPE)."""
+        """``(B, n)`` positions of this step's tokens."""
         return self.cache.step.positions
+
+    @property
+    def rope_positions(self) -> int | Tensor:
+        """This step's positions for RoPE: an int offset on the uniform path, else ``(B, n)``."""
+        return self.cache.step.rope_positions
+
+    @property
+    def position_end(self) -> int:
+        """A bound on this step's positions (all ``<`` it)."""
+        return self.cache.step.end
+
+    @property
+    def offsets(self) -> tuple:
+        """``(q_offset, k_offset)`` to pass to :func:`qkv.attention` with what ``update`` returns."""
+        step = self.cache.step
+        return step.q_offset, step.k_offset
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Mask | None]:
         """Store this step's ``k, v (B, Hkv, n, D)`` (detached); return the keys and values to
@@ -146,9 +232,12 @@ class CacheLayer:
         With grad mode on the returned tensors are copies in which this step's ``k, v`` are
         differentiable; without it they may be views of the cache's buffers."""
         step = self.cache.step
-        self.cache.check_kv(k, v, step.positions.shape[1])
-        keys, values = self.cache.store_and_read(self.index, k.detach(), v.detach())
-        if torch.is_grad_enabled():  # never a view of a buffer that a later step overwrites
+        if DEBUG or not step.checked:
+            self.cache.check_kv(k, v, step.n)
+        if not torch.is_grad_enabled():
+            keys, values = self.cache.store_and_read(self.index, k, v)
+        else:  # never a view of a buffer that a later step overwrites
+            keys, values = self.cache.store_and_read(self.index, k.detach(), v.detach())
             keys, values = keys.clone(), values.clone()
             put_tokens(keys, k, step.new_columns)
             put_tokens(values, v, step.new_columns)
@@ -158,7 +247,9 @@ class CacheLayer:
     def remap_score_mod(self, score_mod):
         """``score_mod`` evaluated at the tokens' true positions (ALiBi over a ragged batch)."""
         step = self.cache.step
-        return step.mask.remap_score_mod(score_mod) if step.true_positions else score_mod
+        if score_mod is None or not step.true_positions:
+            return score_mod
+        return step.true_position_mask().remap_score_mod(score_mod)
 
 
 class KVCacheBase:
@@ -185,20 +276,40 @@ class KVCacheBase:
         """Start a step of ``num_tokens`` new tokens per row, ``counts (B,)`` of them real (default
         all). Returns their positions ``(B, num_tokens)``. Raises :class:`CacheFullError` (nothing
         changed) if they do not fit; otherwise reserves their room (see the module docstring)."""
+        return self.begin_step(num_tokens, counts).positions
+
+    def begin_step(self, num_tokens: int, counts=None, *, checked: bool = False) -> Step:
+        """:meth:`begin`, returning the whole :class:`Step`. ``checked=True``: the caller has
+        verified that what it will pass to ``update`` matches :meth:`layout` (a model that checked
+        the cache), so layers skip that check unless :data:`DEBUG` is on."""
         positive_int("num_tokens", num_tokens)
-        if counts is None:
-            counts = torch.full((self.batch_size,), num_tokens, dtype=torch.int64)
-        else:
-            counts = token_counts(counts, name="counts", batch_size=self.batch_size, num_tokens=num_tokens)
         self._step = None
-        self._step = self.plan(num_tokens, counts)
-        return self._step.positions
+        start = self.uniform_length() if counts is None else None
+        if start is not None:
+            step = self.plan_uniform(num_tokens, start)
+        else:
+            if counts is None:
+                counts = torch.full((self.batch_size,), num_tokens, dtype=torch.int64)
+            else:
+                counts = token_counts(counts, name="counts", batch_size=self.batch_size, num_tokens=num_tokens)
+            step = self.plan(num_tokens, counts)
+        step.checked = checked
+        self._step = step
+        return step
+
+    def layout(self) -> tuple:
+        """``(num_layers, num_kv_heads, head_dim, dtype, device)``: what every layer's keys and values
+        must match (compare with a model's ``cache_spec()``)."""
+        return self.num_layers, self.num_kv_heads, self.head_dim, self.dtype, self.device
 
     def layer(self, index: int) -> CacheLayer:
         """The view of layer ``index`` that attention layers call ``update`` on."""
+        layers = self.__dict__.get("_layers")
+        if layers is None:
+            layers = self._layers = [CacheLayer(self, i) for i in range(self.num_layers)]
         if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < self.num_layers:
             raise ValueError(f"layer index must be an int in [0, {self.num_layers}), got {index!r}")
-        return CacheLayer(self, index)
+        return layers[index]
 
     def commit(self) -> None:
         """End the step: the sequences now include its real tokens. Every layer must have been
@@ -223,6 +334,16 @@ class KVCacheBase:
     def plan(self, n: int, counts: Tensor) -> Step:
         """Check that the step fits, reserve room, and say where the new tokens go."""
         raise NotImplementedError
+
+    def uniform_length(self) -> int | None:
+        """The length every row has, if they all have the same (known on the host without
+        reading a tensor); None otherwise, or if the cache has no uniform hot path."""
+        return None
+
+    def plan_uniform(self, n: int, start: int) -> Step:
+        """:meth:`plan` for ``n`` real tokens per row, every row holding ``start`` tokens. By
+        default the general plan; caches override it with a path that builds no index tensors."""
+        return self.plan(n, torch.full((self.batch_size,), n, dtype=torch.int64))
 
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Keep the step's (detached) ``k, v`` and return all keys and values to attend to, with

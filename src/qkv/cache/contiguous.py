@@ -14,7 +14,8 @@ import torch
 from torch import Tensor
 
 from ..validate import positive_int
-from .base import CacheFullError, KVCacheBase, Step, appending_step, put_tokens
+from . import base
+from .base import CacheFullError, token_counts, KVCacheBase, Step, appending_step, put_tokens, uniform_step
 
 
 class KVCache(KVCacheBase):
@@ -42,6 +43,7 @@ class KVCache(KVCacheBase):
         self.k = torch.zeros(shape, dtype=dtype, device=self.device)
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self._lengths = torch.zeros(batch_size, dtype=torch.int64)
+        self._uniform: int | None = 0  # the common length while all rows have one (host-side, no tensor read)
         self._nk = 0  # key columns the current step reads
 
     @property
@@ -56,7 +58,19 @@ class KVCache(KVCacheBase):
     def reset(self) -> None:
         """Forget every sequence (lengths back to 0)."""
         self._lengths.zero_()
+        self._uniform = 0
         self._step = None
+
+    def uniform_length(self) -> int | None:
+        return self._uniform
+
+    def plan_uniform(self, n: int, start: int) -> Step:
+        if start + n > self.capacity:
+            raise CacheFullError(f"KVCache: capacity {self.capacity} exceeded: sequence(s) "
+                                 f"{list(range(self.batch_size))} hold {[start] * self.batch_size} tokens and this "
+                                 f"step adds {[n] * self.batch_size}; nothing was written")
+        self._nk = start + n
+        return uniform_step(start, n, self.batch_size, self.device)
 
     def plan(self, n: int, counts: Tensor) -> Step:
         new_lengths = self._lengths + counts
@@ -68,13 +82,33 @@ class KVCache(KVCacheBase):
         self._nk = min(self.capacity, int(self._lengths.max()) + n)
         return appending_step(self._lengths, counts, n, self._nk, self.device)
 
+    def advance(self, counts: Tensor) -> None:
+        """Record that rows grew by ``counts (B,)`` tokens written into :attr:`k`, :attr:`v` directly
+        (by a fixed-shape :class:`~qkv.nn.compiled.DecodeStep`), at slots ``lengths[b] ..``."""
+        counts = token_counts(counts, name="counts", batch_size=self.batch_size, num_tokens=self.capacity)
+        if int((self._lengths + counts).max()) > self.capacity:
+            raise CacheFullError(f"KVCache: capacity {self.capacity} exceeded by advance({counts.tolist()}) from "
+                                 f"lengths {self._lengths.tolist()}")
+        self._lengths += counts
+        self._uniform = int(self._lengths[0]) if bool((self._lengths == self._lengths[0]).all()) else None
+
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        put_tokens(self.k[layer], k, self.step.new_columns)  # buffer column = slot = position
-        put_tokens(self.v[layer], v, self.step.new_columns)
-        return self.k[layer, :, :, :self._nk], self.v[layer, :, :, :self._nk]
+        where = self._step.new_columns
+        keys, values = self.k[layer], self.v[layer]
+        put_tokens(keys, k, where)  # buffer column = slot = position
+        put_tokens(values, v, where)
+        return keys[:, :, :self._nk], values[:, :, :self._nk]
 
     def finish(self, step: Step) -> None:
-        self._lengths += step.counts
+        if step.offset is not None:  # uniform: every row grew by n (no tensor read)
+            self._lengths += step.n
+            self._uniform = step.offset + step.n
+        else:
+            self._lengths += step.counts
+            self._uniform = int(self._lengths[0]) if bool((self._lengths == self._lengths[0]).all()) else None
+        if base.DEBUG:
+            expected = int(self._lengths[0]) if bool((self._lengths == self._lengths[0]).all()) else None
+            assert self._uniform == expected, (self._uniform, self._lengths)
 
     def __repr__(self):
         return (f"KVCache(layers={self.num_layers}, batch={self.batch_size}, capacity={self.capacity}, "

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..validate import positive_int
-from .base import CacheFullError, KVCacheBase, Step, appending_step, check_layout, real_tokens
+from .base import CacheFullError, KVCacheBase, Step, appending_step, check_layout, real_tokens, uniform_step
 
 
 class PagedKVCache:
@@ -55,6 +55,7 @@ class PagedKVCache:
         self._tables: dict[int, list[int]] = {}
         self._lengths: dict[int, int] = {}
         self._next_id = 0
+        self._version = 0  # bumped whenever a block table changes (batches reuse their page index until then)
 
     # -- sequences ----------------------------------------------------------------------------
 
@@ -79,6 +80,7 @@ class PagedKVCache:
     def free(self, seq: int) -> None:
         """Drop ``seq``; its pages that no other sequence holds return to the pool."""
         self._check_sequence(seq)
+        self._version += 1
         for page in self._tables.pop(seq):
             self._owners[page] -= 1
             if self._owners[page] == 0:
@@ -154,6 +156,8 @@ class PagedKVCache:
             self._owners[old] -= 1
             self._owners[new] = 1
             self._tables[seq][j] = new
+        if needed:
+            self._version += 1
         for seq, pages in zip(seqs, growth):
             for _ in range(pages):
                 page = self._free.pop()
@@ -192,35 +196,71 @@ class PagedBatch(KVCacheBase):
         """``(B,)`` tokens held per sequence (int64, CPU)."""
         return torch.tensor([self.pool.length(s) for s in self.seqs], dtype=torch.int64)
 
+    def uniform_length(self) -> int | None:
+        lengths = self.pool._lengths
+        try:
+            start = lengths[self.seqs[0]]
+            return start if all(lengths[s] == start for s in self.seqs) else None
+        except KeyError:  # a freed sequence: the general plan says which
+            return None
+
+    def plan_uniform(self, n: int, start: int) -> Step:
+        if n > 1:
+            return super().plan_uniform(n, start)
+        # One token per row at position `start`: reserve its page, then write it through a column of
+        # the page index (rebuilt only when a block table changed), at offset start % page_size.
+        self.pool.reserve(self.seqs, [1] * len(self.seqs))
+        self._nk = start + 1
+        self._index_pages(-(-self._nk // self.pool.page_size))
+        self._write = None
+        self._write_one = (self._gather[:, start // self.pool.page_size], start % self.pool.page_size)
+        return uniform_step(start, 1, len(self.seqs), self.device)
+
+    def _index_pages(self, width: int) -> None:
+        """``self._gather (B, width)``: each row's first ``width`` pages on the device; past a
+        sequence's end, padding (page 0) whose content is never visible."""
+        key = (width, self.pool._version)
+        if self.__dict__.get("_gather_key") != key:
+            tables = [self.pool._tables[s][:width] for s in self.seqs]
+            self._tables_cpu = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+            self._gather = self._tables_cpu.to(self.device)
+            self._gather_key = key
+
     def plan(self, n: int, counts: Tensor) -> Step:
         lengths = self.lengths  # also checks that every sequence is still alive
         self.pool.reserve(self.seqs, counts.tolist())
         self._nk = int(lengths.max()) + n
         step = appending_step(lengths, counts, n, self._nk, self.device)
         page_size = self.pool.page_size
-        width = -(-self._nk // page_size)
-        # Each row's first `width` pages; past a sequence's end, padding (page 0) whose content is never visible.
-        tables = [self.pool._tables[s][:width] for s in self.seqs]
-        tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int64)
+        self._index_pages(-(-self._nk // page_size))
         rows, tokens = real_tokens(counts)
         columns = lengths[rows] + tokens  # = positions, all < num_keys: their pages are among the first `width`
-        self._gather = tables.to(self.device)
-        self._write = tuple(t.to(self.device) for t in (tables[rows, columns // page_size], columns % page_size,
-                                                        rows, tokens))
+        self._write_one = None
+        self._write = tuple(t.to(self.device) for t in (self._tables_cpu[rows, columns // page_size],
+                                                        columns % page_size, rows, tokens))
         return step
 
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        pages, offsets, rows, tokens = self._write
         out = []
         for store, new in ((self.pool.k_pages[layer], k), (self.pool.v_pages[layer], v)):
-            store[pages, :, offsets] = new[rows, :, tokens]
+            if self._write_one is not None:
+                pages, offset = self._write_one
+                store[pages, :, offset] = new[:, :, 0]
+            else:
+                pages, offsets, rows, tokens = self._write
+                store[pages, :, offsets] = new[rows, :, tokens]
             gathered = store[self._gather]  # (B, width, Hkv, page_size, D), a copy
             out.append(gathered.transpose(1, 2).flatten(2, 3)[:, :, :self._nk])
         return out[0], out[1]
 
     def finish(self, step: Step) -> None:
-        for seq, count in zip(self.seqs, step.counts.tolist()):
-            self.pool._lengths[seq] += count
+        lengths = self.pool._lengths
+        if step.offset is not None:
+            for seq in self.seqs:
+                lengths[seq] += step.n
+        else:
+            for seq, count in zip(self.seqs, step.counts.tolist()):
+                lengths[seq] += count
 
     def __repr__(self):
         return f"PagedBatch(seqs={self.seqs}, lengths={self.lengths.tolist()})"

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..validate import positive_int
-from .base import KVCacheBase, Step, real_tokens
+from .base import KVCacheBase, Step, real_tokens, uniform_step
 from .positions import PositionMask
 
 
@@ -51,7 +51,9 @@ class StreamingKVCache(KVCacheBase):
         self.v = torch.zeros(shape, dtype=dtype, device=self.device)
         self.slot_positions = torch.full((batch_size, sinks + window), -1, dtype=torch.int64, device=self.device)
         self._lengths = torch.zeros(batch_size, dtype=torch.int64)
+        self._uniform: int | None = 0  # the common length while all rows have one (host-side)
         self._staged: dict[int, tuple[Tensor, Tensor]] = {}
+        self._one_slot: int | None = None  # the slot of the uniform hot path's single new token
 
     @property
     def batch_size(self) -> int:
@@ -61,6 +63,37 @@ class StreamingKVCache(KVCacheBase):
     def lengths(self) -> Tensor:
         """``(B,)`` tokens seen per sequence so far (int64, CPU), not all of them still held."""
         return self._lengths.clone()
+
+    def uniform_length(self) -> int | None:
+        return self._uniform
+
+    def slot(self, position: int) -> int:
+        """The slot that holds the token at ``position`` (sinks first, then the ring)."""
+        return position if position < self.sinks else self.sinks + (position - self.sinks) % self.window
+
+    def plan_uniform(self, n: int, start: int) -> Step:
+        """One new token at position ``start`` in every row: it sees every token held (the sinks
+        and the ``window`` before it), so no mask. Until the ring first fills, slot = position and
+        the keys are in position order; after, a :class:`PositionMask` is built only if a score
+        modifier needs the true positions."""
+        if n > 1:
+            return super().plan_uniform(n, start)
+        held = self.sinks + self.window
+        self._staged = {}
+        self._one_slot = self.slot(start)
+        self._read = min(start, held)
+        if start <= held:  # keys 0 .. start-1 at slots 0 .. start-1, then the new one: bottom-right aligned
+            step = uniform_step(start, 1, self.batch_size, self.device)
+            step.new_columns = slice(start, start + 1)
+            return step
+
+        def position_mask():
+            positions = torch.full((self.batch_size, 1), start, dtype=torch.int64, device=self.device)
+            return PositionMask(positions, torch.cat((self.slot_positions, positions), dim=1),
+                                window=self.window, sinks=self.sinks)
+
+        return Step(n=1, batch=self.batch_size, device=self.device, end=start + 1, mask=None, true_positions=True,
+                    new_columns=slice(held, held + 1), offset=start, position_mask=position_mask)
 
     def plan(self, n: int, counts: Tensor) -> Step:
         positions = self._lengths.to(self.device)[:, None] + torch.arange(n, device=self.device)
@@ -74,20 +107,36 @@ class StreamingKVCache(KVCacheBase):
         slots = torch.where(position < self.sinks, position, self.sinks + (position - self.sinks) % self.window)
         self._keep = tuple(t.to(self.device) for t in (rows, slots, tokens))
         self._staged = {}
+        self._one_slot = None
+        self._read = None
         held = self.sinks + self.window  # this step's tokens follow the held ones in what update returns
-        return Step(positions, counts, mask, True, slice(held, held + n))
+        return Step(n=n, batch=self.batch_size, device=self.device, end=int(self._lengths.max()) + n, mask=mask,
+                    true_positions=True, new_columns=slice(held, held + n), positions=positions, counts=counts)
 
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         self._staged[layer] = (k, v)  # written at commit: this step's queries still need what they evict
-        return torch.cat((self.k[layer], k), dim=2), torch.cat((self.v[layer], v), dim=2)
+        keys, values = self.k[layer], self.v[layer]
+        if self._read is not None:
+            keys, values = keys[:, :, :self._read], values[:, :, :self._read]
+        return torch.cat((keys, k), dim=2), torch.cat((values, v), dim=2)
 
     def finish(self, step: Step) -> None:
-        rows, slots, tokens = self._keep
-        for layer, (k, v) in self._staged.items():
-            self.k[layer][rows, :, slots] = k[rows, :, tokens]
-            self.v[layer][rows, :, slots] = v[rows, :, tokens]
-        self.slot_positions[rows, slots] = step.positions[rows, tokens]
-        self._lengths += step.counts
+        if self._one_slot is not None:
+            slot = self._one_slot
+            for layer, (k, v) in self._staged.items():
+                self.k[layer][:, :, slot] = k[:, :, 0]
+                self.v[layer][:, :, slot] = v[:, :, 0]
+            self.slot_positions[:, slot] = step.offset
+            self._lengths += 1
+            self._uniform = step.offset + 1
+        else:
+            rows, slots, tokens = self._keep
+            for layer, (k, v) in self._staged.items():
+                self.k[layer][rows, :, slots] = k[rows, :, tokens]
+                self.v[layer][rows, :, slots] = v[rows, :, tokens]
+            self.slot_positions[rows, slots] = step.positions[rows, tokens]
+            self._lengths += step.counts
+            self._uniform = int(self._lengths[0]) if bool((self._lengths == self._lengths[0]).all()) else None
         self._staged = {}
 
     def __repr__(self):

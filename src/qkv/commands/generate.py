@@ -10,16 +10,20 @@ import torch
 
 from qkv.models import corpus, gpt
 
+from .usage import UsageError, existing_dir, positive
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", default="out/gpt", help="directory written by `qkv train`")
     parser.add_argument("--prompt", default="The ", help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-compare", action="store_true", help="skip the run without the cache")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate")
+    parser.add_argument("--temperature", type=float, default=0.8, help="sampling temperature, 0 = greedy")
+    parser.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest bytes (default: all)")
+    parser.add_argument("--top-p", type=float, default=None,
+                        help="sample among the likeliest bytes holding this probability, in (0, 1] (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
+    parser.add_argument("--no-compare", action="store_true",
+                        help="skip the run without the cache (default: time both)")
 
 
 def _timed(fn):
@@ -29,10 +33,18 @@ def _timed(fn):
 
 
 def run(args: argparse.Namespace) -> int:
+    positive("--max-new-tokens", args.max_new_tokens, allow_none=False)
+    positive("--top-k", args.top_k)
+    if args.temperature < 0:
+        raise UsageError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.prompt:
+        raise UsageError("--prompt must not be empty")
+    existing_dir("--checkpoint", args.checkpoint, needs=gpt.CONFIG,
+                 hint=" (train a model first: qkv train, or pass --checkpoint DIR)")
     model = gpt.load_model_from(args.checkpoint)
     prompt = corpus.encode(args.prompt)[None]
-    if prompt.shape[1] == 0:
-        raise SystemExit("--prompt must not be empty")
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     cached, t_cached = _timed(lambda: model.generate(prompt, args.max_new_tokens, **sampling,
                                                      generator=torch.Generator().manual_seed(args.seed)))

@@ -2,8 +2,10 @@
 
 The script reads the JSON data block written by :mod:`qkv.inspect.headview` and draws an SVG:
 query tokens in the left column, key tokens in the right one, and for the selected heads one line
-per (query, key) pair whose opacity is the attention weight. State (layer, heads, selected token)
-also comes from the URL fragment, e.g. ``#token=3&layer=0&head=0,5&side=query``.
+per (query, key) pair whose opacity is the attention weight. A head's weights are decoded from
+base64 the first time that head is drawn, so a page of many heads opens at once. Long inputs
+(more than ``all_lines_limit`` query rows) draw one token's lines at a time. State (layer, heads,
+selected token) also comes from the URL fragment, e.g. ``#token=3&layer=0&head=0,5&side=query``.
 """
 
 PAGE_STYLE = """
@@ -24,7 +26,10 @@ button { font-size: 13px; }
 #view rect.token-bg { fill: transparent; }
 #view rect.token-bg.selected { fill: #ffe9a8; }
 #main { display: flex; flex-wrap: wrap; align-items: flex-start; gap: 12px 36px; }
+#view.compact text { font-size: 12px; }
 #details { font-size: 13px; margin-top: 24px; }
+#columns.compact { max-height: calc(100vh - 190px); min-height: 300px; overflow-y: auto; border-top: 1px solid #eee;
+                   border-bottom: 1px solid #eee; }
 #details table { border-collapse: collapse; }
 #details td { padding: 2px 8px 2px 0; white-space: nowrap; }
 """
@@ -39,9 +44,9 @@ PAGE_BODY = """
 <p class="help">Hover over a token to see its attention, click to pin it (click again to release).
 Left column: the token that attends (query); right column: the tokens it attends to (keys).
 Line opacity = attention weight, one colour per head. Click a head's swatch to show or hide it,
-double-click to show only that head.</p>
+double-click to show only that head. <span id="note"></span></p>
 <div id="main">
-<svg id="view" width="10" height="10"></svg>
+<div id="columns"><svg id="view" width="10" height="10"></svg></div>
 <div id="details"></div>
 </div>
 """
@@ -53,8 +58,10 @@ PAGE_SCRIPT = r"""
   // Saturated colours that stay visible on white at low opacity (no greys, no pale yellows).
   var PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#0e8f9c",
                  "#8a8a00", "#393b79", "#ad494a", "#637939", "#7b4173", "#e6550d", "#3182bd", "#31a354"];
-  var ROW = 26, TOP = 34, GAP = 280, PAD = 14, LINE_END = 8;
   var nLayers = data.shape[0], nHeads = data.shape[1], nq = data.shape[2], nk = data.shape[3];
+  var compact = Math.max(nq, nk) > 64;
+  var ROW = compact ? 16 : 26, TOP = 34, GAP = compact ? 360 : 280, PAD = 14, LINE_END = 8;
+  var allLines = nq <= (data.all_lines_limit || 64);
   var layerLabels = data.layers || [0];
   var headLabels = data.heads || [0];
   var svg = document.getElementById("view");
@@ -69,10 +76,51 @@ PAGE_SCRIPT = r"""
     return node;
   }
   function colour(h) { return PALETTE[h % PALETTE.length]; }
-  function weight(h, i, j) { return data.weights[state.layer][h][i][j]; }
+
+  // ---- weights: one base64 string per (layer, head), decoded when first needed -------------
+  var decoded = {};
+  function bytesOf(text) {
+    var raw = atob(text), bytes = new Uint8Array(raw.length);
+    for (var n = 0; n < raw.length; n++) bytes[n] = raw.charCodeAt(n);
+    return bytes;
+  }
+  function headMap(h) {
+    var key = state.layer + ":" + h;
+    if (decoded[key]) return decoded[key];
+    var entry = data.maps[state.layer][h], bytes = bytesOf(entry.values), values;
+    if (data.encoding === "uint8") {
+      values = new Float32Array(bytes.length);
+      for (var n = 0; n < bytes.length; n++) values[n] = bytes[n] / 255;
+    } else if (data.encoding === "float64") {
+      values = new Float64Array(bytes.buffer);
+    } else {
+      values = new Float32Array(bytes.buffer);
+    }
+    var indices = entry.indices ? new Uint16Array(bytesOf(entry.indices).buffer) : null;
+    decoded[key] = { values: values, indices: indices, cols: values.length / nq };
+    return decoded[key];
+  }
+  // Calls fn(key, weight) for the stored weights of query row i (all keys, or the row's top k).
+  function eachInRow(h, i, fn) {
+    var m = headMap(h), base = i * m.cols;
+    for (var c = 0; c < m.cols; c++) fn(m.indices ? m.indices[base + c] : c, m.values[base + c]);
+  }
+  function weight(h, i, j) {
+    var m = headMap(h), base = i * m.cols;
+    if (!m.indices) return m.values[base + j];
+    for (var c = 0; c < m.cols; c++) if (m.indices[base + c] === j) return m.values[base + c];
+    return 0;
+  }
 
   // ---- controls --------------------------------------------------------------------------
   document.getElementById("title").textContent = data.title;
+  var notes = [];
+  if (data.top_k !== null) notes.push("Each token keeps its " + data.top_k + " largest weights per head (of " + nk + ").");
+  if (data.encoding === "uint8") notes.push("Weights are rounded to multiples of 1/255.");
+  if (!allLines) notes.push(nq + " tokens: lines are drawn for one token at a time.");
+  document.getElementById("note").textContent = notes.join(" ");
+  var columnsBox = document.getElementById("columns");
+  if (compact) { svg.setAttribute("class", "compact"); columnsBox.className = "compact"; }
   var layerSelect = document.getElementById("layer");
   layerLabels.forEach(function (label, index) {
     var option = document.createElement("option");
@@ -167,17 +215,18 @@ PAGE_SCRIPT = r"""
       // Each head's lines end a little apart (a fan), so that overlapping heads stay visible.
       var fan = (rank - (shown.length - 1) / 2) * spread;
       var fanQuery = chosen && state.side === "key" ? fan : 0, fanKey = fan - fanQuery;
+      function line(i, j, w) {
+        if (w <= 0.002) return;
+        el("line", { x1: xLeft + LINE_END, y1: y(i) + fanQuery, x2: xRight - LINE_END, y2: y(j) + fanKey,
+                     stroke: colour(h),
+                     "stroke-width": chosen ? 3 : 2, "stroke-opacity": Math.min(1, w),
+                     "stroke-linecap": "round", "data-head": h, "data-query": i, "data-key": j }, lineLayer);
+      }
+      if (!chosen && !allLines) return;
       for (var i = 0; i < nq; i++) {
         if (chosen && state.side === "query" && i !== state.token) continue;
-        for (var j = 0; j < nk; j++) {
-          if (chosen && state.side === "key" && j !== state.token) continue;
-          var w = weight(h, i, j);
-          if (w <= 0.002) continue;
-          el("line", { x1: xLeft + LINE_END, y1: y(i) + fanQuery, x2: xRight - LINE_END, y2: y(j) + fanKey,
-                       stroke: colour(h),
-                       "stroke-width": chosen ? 3 : 2, "stroke-opacity": Math.min(1, w),
-                       "stroke-linecap": "round", "data-head": h, "data-query": i, "data-key": j }, lineLayer);
-        }
+        if (chosen && state.side === "key") { line(i, state.token, weight(h, i, state.token)); continue; }
+        eachInRow(h, i, function (j, w) { line(i, j, w); });
       }
     });
     details();
@@ -187,7 +236,8 @@ PAGE_SCRIPT = r"""
     var box = document.getElementById("details");
     while (box.firstChild) box.removeChild(box.firstChild);
     if (state.token === null) {
-      box.textContent = "No token selected: all lines of the shown heads are drawn.";
+      box.textContent = allLines ? "No token selected: all lines of the shown heads are drawn."
+                                 : "No token selected: hover over a token, or click it to pin it.";
       return;
     }
     var fromQuery = state.side === "query";
@@ -200,9 +250,10 @@ PAGE_SCRIPT = r"""
     for (var h = 0; h < nHeads; h++) {
       if (!state.heads[h]) continue;
       var ranked = [];
-      var count = fromQuery ? nk : nq;
-      for (var n = 0; n < count; n++) {
-        ranked.push([n, fromQuery ? weight(h, state.token, n) : weight(h, n, state.token)]);
+      if (fromQuery) {
+        eachInRow(h, state.token, function (j, w) { ranked.push([j, w]); });
+      } else {
+        for (var n = 0; n < nq; n++) ranked.push([n, weight(h, n, state.token)]);
       }
       ranked.sort(function (a, b) { return b[1] - a[1]; });
       var row = document.createElement("tr");
@@ -246,6 +297,9 @@ PAGE_SCRIPT = r"""
       if (t >= 0 && t < limit) { state.token = t; state.pinned = true; }
     }
     draw();
+    if (state.token !== null && compact) {  // bring the chosen token to the middle of the token columns
+      columnsBox.scrollTop = Math.max(0, y(state.token) - columnsBox.clientHeight / 2);
+    }
   }
   window.addEventListener("hashchange", fromFragment);
   fromFragment();

@@ -14,8 +14,8 @@ impossible for a long document (32k tokens, 12 heads, float32: 48 GiB). Two view
   per head for the scores plus the ``(Nq/block_q x Nk/block_k)`` result.
 
 Scores are those of :func:`qkv.attention` exactly: ``q k^T * scale``, then ``score_mod``, then an
-additive float mask, then the bool mask (``-inf``), with queries aligned bottom-right (row ``i``
-at key position ``i + Nk - Nq``) and grouped heads (GQA/MQA) read from their shared key head. A
+additive float mask, then the bool mask (``-inf``), with queries aligned bottom-right (the
+default positions of :mod:`qkv.positions`) and grouped heads (GQA/MQA) read from their shared key head. A
 row that may attend to nothing has all-zero weights. Results are float32 (float64 for float64
 inputs).
 """
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..backends.tiled import plan_runs
+from ..layout import plan_runs
 from ..problem import Problem, make_problem
 from ..validate import positive_int
 
@@ -168,8 +168,8 @@ class _Scorer:
         s = torch.matmul(q_rows, keys.transpose(-1, -2))
         if p.score_mod is None and p.bias is None and (p.mask is None or not masked):
             return s
-        q_pos = (rows + (p.nk - p.nq)).view(1, 1, -1, 1)
-        k_pos = torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1)
+        q_pos = p.positions.queries(rows.view(1, 1, -1, 1))
+        k_pos = p.positions.keys(torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1))
         if p.score_mod is not None:
             s = p.score_mod(s, self.b, self.h, q_pos, k_pos)
         if self.bias is not None:

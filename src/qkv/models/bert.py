@@ -160,10 +160,11 @@ class BertModel(nn.Module):
         x = self.embeddings(input_ids, token_type_ids)
         hidden_states, attentions = [x], []
         for layer in self.layers:
-            if output_attentions:  # post-norm: the block's attention sees the block's input x unchanged
-                weights = layer.attn(x, mask=mask, need_weights=True, average_attn_weights=False)[1]
+            if output_attentions:
+                x, weights = _layer_with_weights(layer, x, mask, self.backend)
                 attentions.append(weights)
-            x = layer(x, mask=mask, backend=self.backend)
+            else:
+                x = layer(x, mask=mask, backend=self.backend)
             hidden_states.append(x)
         return BertOutput(x, tuple(hidden_states) if output_hidden_states else None,
                           tuple(attentions) if output_attentions else None)
@@ -215,6 +216,19 @@ class BertModel(nn.Module):
             hidden = self(**batch.model_inputs()).last_hidden_state
             vectors.append(pooling(hidden, batch.attention_mask.to(hidden.device)))
         return torch.cat(vectors)
+
+
+def _layer_with_weights(layer: TransformerBlock, x: Tensor, mask, backend: str | None) -> tuple[Tensor, Tensor]:
+    """One post-norm block, ``x (B, N, E) -> (B, N, E)``, and its attention weights ``(B, H, N, N)``.
+
+    The same computation as ``layer(x, ...)``, with the attention run once: its output feeds the
+    residual and its weights are returned (calling the block and, separately, its attention for
+    the weights would compute the attention twice).
+    """
+    out, weights = layer.attn(x, mask=mask, need_weights=True, average_attn_weights=False, backend=backend)
+    drop = layer.dropout if layer.dropout is not None else (lambda h: h)  # no module at p = 0
+    x = layer.attn_norm(x + drop(out))
+    return layer.mlp_norm(x + drop(layer.mlp(x))), weights
 
 
 def _check_shape(name: str, t, shape: torch.Size) -> None:

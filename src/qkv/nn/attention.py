@@ -22,7 +22,10 @@ from torch import Tensor, nn
 
 from .. import attention as _attention
 from .. import attention_weights as _attention_weights
+from ..linear import swap as _swap
+from ..linear.features import PerformerFeatures
 from ..validate import positive_int
+from .positional import Rotation
 
 #: eps of the per-head RMS norms used by ``qk_norm=True``.
 QK_NORM_EPS = 1e-6
@@ -44,6 +47,10 @@ class MultiHeadAttention(nn.Module):
         qk_norm: RMS-normalise each query and key head (``q_norm``, ``k_norm``) before RoPE.
         head_dim: per-head width ``D`` (default ``E // Hq``).
         sink: learn one sink logit per query head (``sink_logits``, initialised to 0).
+        attention: ``"exact"`` (softmax), ``"linear"`` (``elu + 1`` kernel), ``"performer"`` (FAVOR+
+            with ``num_features`` random features drawn from ``feature_seed``, in ``performer``; redraw
+            with ``module.performer.redraw()``), or a sparse :class:`qkv.Mask` pattern that every call
+            attends within; see :mod:`qkv.linear.swap`. Change it later with :meth:`set_attention`.
 
     Submodules: ``q_proj``, ``k_proj``, ``v_proj`` (or ``qkv_proj``), ``out_proj``
     (``Linear(Hq * D, E)``), and with ``qk_norm`` ``q_norm``, ``k_norm``.
@@ -51,7 +58,8 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, kdim: int | None = None,
                  vdim: int | None = None, bias: bool = True, fused_qkv: bool = False, dropout: float = 0.0,
-                 qk_norm: bool = False, head_dim: int | None = None, sink: bool = False, device=None, dtype=None):
+                 qk_norm: bool = False, head_dim: int | None = None, sink: bool = False, attention="exact",
+                 num_features: int = 256, feature_seed: int = 0, device=None, dtype=None):
         super().__init__()
         self.embed_dim = positive_int("embed_dim", embed_dim)
         self.num_heads = positive_int("num_heads", num_heads)
@@ -87,6 +95,19 @@ class MultiHeadAttention(nn.Module):
             self.q_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS, **factory)
             self.k_norm = nn.RMSNorm(self.head_dim, eps=QK_NORM_EPS, **factory)
         self.sink_logits = nn.Parameter(torch.zeros(num_heads, **factory)) if sink else None
+        self.performer = None
+        self.set_attention(attention, num_features=num_features, feature_seed=feature_seed)
+
+    def set_attention(self, attention, *, num_features: int = 256, feature_seed: int = 0) -> MultiHeadAttention:
+        """Swap the attention this module computes (the ``attention`` argument of the constructor);
+        ``"performer"`` draws ``num_features`` random features from ``feature_seed``."""
+        self.attention = _swap.check_option(attention)
+        self.performer = None
+        if self.attention == "performer":
+            weight = self.out_proj.weight
+            self.performer = PerformerFeatures(self.head_dim, num_features, seed=feature_seed, device=weight.device,
+                                               dtype=weight.dtype)
+        return self
 
     def forward(self, query: Tensor, key: Tensor | None = None, value: Tensor | None = None, *, mask=None,
                 score_mod=None, rope=None, positions=None, cache=None, need_weights: bool = False,
@@ -101,7 +122,9 @@ class MultiHeadAttention(nn.Module):
                 True = may attend, or an additive float tensor), broadcastable to ``(B, Hq, N, S)``.
                 Not with ``cache``: the cache supplies the mask.
             score_mod: a :mod:`qkv.scores` modifier (ALiBi, soft-capping, relative bias).
-            rope: a :class:`qkv.nn.RotaryEmbedding` applied to queries and keys (self-attention).
+            rope: a :class:`qkv.nn.RotaryEmbedding` applied to queries and keys (self-attention),
+                or a :class:`qkv.nn.positional.Rotation` it made for this step's positions (a model
+                computes one per step and shares it across layers; ``positions`` is then unused).
             positions: positions of the ``N`` tokens for ``rope``: an int offset, ``(N,)`` or
                 ``(B, N)``; default ``0..N-1``, or the cache's positions when ``cache`` is given.
             cache: one layer of a KV cache (``kv_cache.layer(i)``, see :mod:`qkv.cache`) between its
@@ -128,18 +151,30 @@ class MultiHeadAttention(nn.Module):
             if mask is not None:
                 raise ValueError("mask: with a cache, the cache builds the mask (causal over each sequence's "
                                  "own positions); pass mask=None")
-            positions = cache.positions if positions is None else positions
         if rope is not None:
             if not self_attention:
                 raise ValueError("rope: rotary embeddings apply to self-attention only (key=None)")
-            q, k = rope(q, positions), rope(k, positions)
+            if not isinstance(rope, Rotation):  # one rotation (a table lookup) for q and k
+                end = None
+                if cache is not None and positions is None:
+                    positions, end = cache.rope_positions, cache.position_end
+                rope = rope.rotation(positions, q.shape[2], dtype=q.dtype, device=q.device, end=end)
+            q, k = rope(q), rope(k)
+        offsets = {}
         if cache is not None:
             k, v, mask = cache.update(k, v)
             score_mod = cache.remap_score_mod(score_mod)
+            q_offset, k_offset = getattr(cache, "offsets", (None, 0))
+            if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
+                offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
         dropout_p = self.dropout if self.training else 0.0
         sink = self.sink_logits is not None
-        result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
-                            backend=backend)
+        if isinstance(self.attention, str) and self.attention == "exact":
+            result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
+                                backend=backend, **offsets)
+        else:  # approximate or sparse attention (qkv.linear.swap)
+            result = _swap.attend(self.attention, q, k, v, mask, features=self.performer, score_mod=score_mod,
+                                  dropout_p=dropout_p, return_lse=sink, backend=backend, **offsets)
         out, gate = result, None
         if sink:
             out, lse = result
@@ -149,7 +184,8 @@ class MultiHeadAttention(nn.Module):
         out = self.out_proj(out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim))
         if not need_weights:
             return out
-        weights = _attention_weights(q, k, mask=mask, score_mod=score_mod)
+        weights = _attention_weights(q, k, mask=_swap.weights_mask(self.attention, mask), score_mod=score_mod,
+                                     **offsets)
         if gate is not None:
             weights = weights * gate.unsqueeze(-1).to(weights.dtype)
         return out, weights.mean(dim=1) if average_attn_weights else weights
@@ -228,4 +264,6 @@ class MultiHeadAttention(nn.Module):
             parts.append(f"dropout={self.dropout}")
         if self.sink_logits is not None:
             parts.append("sink=True")
+        if not (isinstance(self.attention, str) and self.attention == "exact"):
+            parts.append(f"attention={self.attention!r}")
         return ", ".join(parts)

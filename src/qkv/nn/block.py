@@ -9,7 +9,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from .attention import MultiHeadAttention
-from .mlp import make_mlp
+from .mlp import make_mlp, optional_dropout
 from .norms import make_norm
 
 
@@ -54,7 +54,7 @@ class TransformerBlock(nn.Module):
             self.cross_attn = None
         self.mlp = make_mlp(dim, mlp_dim, activation, bias=bias, dropout=dropout)
         self.mlp_norm = make_norm(norm, dim, eps=norm_eps, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = optional_dropout(dropout)
 
     def forward(self, x: Tensor, *, mask=None, score_mod=None, rope=None, positions=None, cache=None,
                 memory: Tensor | None = None, memory_mask=None, backend: str | None = None) -> Tensor:
@@ -78,5 +78,7 @@ class TransformerBlock(nn.Module):
 
     def _residual(self, x: Tensor, norm: nn.Module, sublayer) -> Tensor:
         if self.norm_first:
-            return x + self.dropout(sublayer(norm(x)))
-        return norm(x + self.dropout(sublayer(x)))
+            h = sublayer(norm(x))
+            return x + (h if self.dropout is None else self.dropout(h))
+        h = sublayer(x)
+        return norm(x + (h if self.dropout is None else self.dropout(h)))

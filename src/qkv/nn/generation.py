@@ -7,7 +7,8 @@ import math
 import torch
 from torch import Tensor
 
-from ..cache import KVCache
+from ..cache import CacheFullError, KVCache
+from .compiled import DecodeStep, check_compilable
 from ..cache.base import token_counts
 
 
@@ -61,7 +62,7 @@ def _eos_tensor(eos, vocab_size: int, device) -> Tensor | None:
 def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, eos=None, *, lengths=None, cache=None,
              generator: torch.Generator | None = None, memory: Tensor | None = None, memory_mask=None,
-             backend: str | None = None) -> Tensor:
+             backend: str | None = None, compile: bool | dict = False) -> Tensor:
     """Continue each prompt of ``input_ids`` by up to ``max_new_tokens`` tokens; see :meth:`qkv.nn.Decoder.generate`."""
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
@@ -75,17 +76,24 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
     else:  # every prompt needs a token whose logits start the generation
         prompt_lengths = token_counts(lengths, name="lengths", batch_size=batch, num_tokens=n, minimum=1)
     new_tokens = torch.empty(batch, 0, dtype=torch.int64, device=device)
+    if compile is not False:
+        check_compilable(model, memory, backend)
+        if cache is not None and type(cache) is not KVCache:
+            raise ValueError(f"compile: the compiled decode step runs on a KVCache (fixed shapes), got "
+                             f"{type(cache).__name__}")
     if max_new_tokens == 0:
         return new_tokens
     if cache is None:
         # the last token is returned, not fed back: the longest row holds its prompt and max_new_tokens - 1 more
-        cache = KVCache(batch_size=batch, capacity=int(prompt_lengths.max()) + max_new_tokens - 1,
-                        **model.cache_spec())
+        capacity = int(prompt_lengths.max()) + max_new_tokens - 1
+        cache = KVCache(batch_size=batch, capacity=capacity, **model.cache_spec()) if compile is False \
+            else _CompiledSteps.reusable_cache(model, batch, capacity)
     extra = {"memory": memory, "memory_mask": memory_mask, "backend": backend}
     logits = model(input_ids, cache, lengths=prompt_lengths, **extra)
     last = logits[torch.arange(batch, device=device), prompt_lengths.to(device) - 1]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     produced = []
+    decode = _eager_step(model, cache, extra) if compile is False else _CompiledSteps(model, cache, compile)
     for step in range(max_new_tokens):
         token = sample_next_token(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
         if eos_ids is not None:
@@ -94,5 +102,62 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         produced.append(token)
         if step == max_new_tokens - 1 or (eos_ids is not None and bool(finished.all())):
             break
-        last = model(token[:, None], cache, **extra)[:, -1]
+        last = decode(token[:, None])[:, -1]
+    if compile is not False:
+        decode.finish()
     return torch.stack(produced, dim=1)
+
+
+def _eager_step(model, cache, extra):
+    def step(tokens: Tensor) -> Tensor:
+        return model(tokens, cache, check_ids=False, **extra)  # sampled ids are valid by construction
+    return step
+
+
+class _CompiledSteps:
+    """Decoding steps through a compiled :class:`~qkv.nn.compiled.DecodeStep` (compiled once per
+    model, cache shape and options; kept on the model). The first step runs eagerly: it settles
+    every decision the compiled graph then reuses (dispatch, RoPE table)."""
+
+    def __init__(self, model, cache, options):
+        options = {} if options is True else dict(options)
+        if "mode" not in options and "backend" not in options and cache.device.type == "cuda":
+            options["mode"] = "reduce-overhead"  # CUDA graphs: one launch per step
+        self.cache, self.steps = cache, 0
+        self.positions = cache.lengths.to(cache.device)  # where each row's next token goes
+        if int(cache.lengths.max()) + 1 > cache.capacity:
+            raise CacheFullError(f"KVCache: capacity {cache.capacity} exceeded: the rows hold "
+                                 f"{cache.lengths.tolist()} tokens")
+        self.limit = cache.capacity - int(cache.lengths.max())  # steps that fit
+        key = (id(cache), tuple(cache.k.shape), cache.k.dtype, str(cache.device), repr(sorted(options.items())))
+        compiled = model.__dict__.setdefault("_compiled_decode_steps", {})
+        if key not in compiled:
+            step = DecodeStep(model, cache)
+            compiled.clear()  # one at a time: each holds its cache's buffers
+            compiled[key] = (step, step.compiled(**options))
+        self.step, self.compiled = compiled[key]
+
+    @staticmethod
+    def reusable_cache(model, batch: int, capacity: int) -> KVCache:
+        """An empty cache of this size, the same object as last time when the size repeats, so that
+        the step compiled for it serves again (kept on the model)."""
+        cache = model.__dict__.get("_compiled_decode_cache")
+        if cache is None or cache.batch_size != batch or cache.capacity != capacity \
+                or cache.layout() != model.cache_layout():
+            cache = model.__dict__["_compiled_decode_cache"] = KVCache(batch_size=batch, capacity=capacity,
+                                                                       **model.cache_spec())
+        cache.reset()
+        return cache
+
+    def __call__(self, tokens: Tensor) -> Tensor:
+        if self.steps >= self.limit:
+            raise CacheFullError(f"KVCache: capacity {self.cache.capacity} exceeded after {self.steps} steps")
+        run = self.compiled if self.steps else self.step
+        logits = run(tokens, self.positions)
+        self.positions = self.positions + 1
+        self.steps += 1
+        return logits
+
+    def finish(self) -> None:
+        if self.steps:
+            self.step.sync_cache(torch.full((self.cache.batch_size,), self.steps, dtype=torch.int64))

@@ -32,10 +32,11 @@ class MLP(nn.Module):
         self.activation = activation
         self.fc1 = nn.Linear(dim, hidden_dim, bias=bias)
         self.fc2 = nn.Linear(hidden_dim, dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = optional_dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.dropout(_POINTWISE[self.activation](self.fc1(x))))
+        h = _POINTWISE[self.activation](self.fc1(x))
+        return self.fc2(h if self.dropout is None else self.dropout(h))
 
 
 class SwiGLU(nn.Module):
@@ -46,10 +47,17 @@ class SwiGLU(nn.Module):
         self.gate = nn.Linear(dim, hidden_dim, bias=bias)
         self.up = nn.Linear(dim, hidden_dim, bias=bias)
         self.down = nn.Linear(hidden_dim, dim, bias=bias)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = optional_dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(self.dropout(F.silu(self.gate(x)) * self.up(x)))
+        h = F.silu(self.gate(x)) * self.up(x)
+        return self.down(h if self.dropout is None else self.dropout(h))
+
+
+def optional_dropout(p: float) -> nn.Dropout | None:
+    """``nn.Dropout(p)``, or None for ``p == 0``: modules then skip the call, which would be an
+    identity costing a module call per use (13 per decoded token in a 4-layer model)."""
+    return nn.Dropout(p) if p > 0 else None
 
 
 def make_mlp(dim: int, hidden_dim: int, activation: str, *, bias: bool = True, dropout: float = 0.0) -> nn.Module:

@@ -26,6 +26,11 @@ from ..validate import positive_int
 
 ROPE_SCALINGS = (None, "linear", "ntk")
 
+#: RoPE tables cover positions up to this many (``2 * TABLE_LIMIT * rotary_dim`` values at most);
+#: beyond, angles are computed for the positions at hand. ``TABLE_MIN``: the smallest table.
+TABLE_LIMIT = 1 << 16
+TABLE_MIN = 256
+
 
 def position_tensor(positions, n: int, device) -> Tensor:
     """Positions of ``n`` tokens as int64 ``(N,)`` or ``(B, N)``: from None (``0..n-1``), an int
@@ -57,7 +62,10 @@ class RotaryEmbedding(nn.Module):
         interleaved: rotate pairs ``(x[2i], x[2i+1])`` (RoFormer, GPT-J) instead of
             ``(x[i], x[i + rotary_dim/2])`` (GPT-NeoX, LLaMA; the default).
 
-    Angles are computed in float64 from integer positions, so large offsets lose no precision.
+    Angles are computed in float64 from integer positions, so large offsets lose no precision, and
+    rounded once to the dtype of the rotated tensors. Their cos/sin are kept in a table (grown on
+    demand, in that dtype); :meth:`rotation` looks a step's positions up once, and the
+    :class:`Rotation` it returns serves the queries and keys of every layer.
     """
 
     def __init__(self, head_dim: int, *, rotary_dim: int | None = None, base: float = 10000.0,
@@ -80,6 +88,7 @@ class RotaryEmbedding(nn.Module):
         self.head_dim, self.rotary_dim = head_dim, rotary_dim
         self.base, self.scaling, self.scaling_factor = float(base), scaling, float(scaling_factor)
         self.interleaved = bool(interleaved)
+        self._table: tuple[Tensor, Tensor] | None = None  # see table(); not state: rebuilt on demand
 
     @property
     def effective_base(self) -> float:
@@ -100,24 +109,46 @@ class RotaryEmbedding(nn.Module):
             scaled = scaled / self.scaling_factor
         return scaled.unsqueeze(-1) * self.inverse_frequencies(positions.device)
 
+    def table(self, length: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` of the angles of positions ``0 .. >= length-1``, each ``(L, rotary_dim / 2)``
+        in ``dtype`` on ``device``: computed in float64 and rounded once, so a row is exactly what
+        :meth:`angles` gives that position. Kept (one table, the last dtype and device asked for)
+        and regrown, to the next power of two, when a longer one is needed."""
+        cached = self._table
+        if cached is None or cached[0].shape[0] < length or cached[0].dtype != dtype or cached[0].device != device:
+            size = max(TABLE_MIN, 1 << max(0, length - 1).bit_length())
+            theta = self.angles(torch.arange(size, device=device))
+            cached = self._table = (theta.cos().to(dtype), theta.sin().to(dtype))
+        return cached
+
+    def rotation(self, positions, num_tokens: int, *, dtype: torch.dtype, device, end: int | None = None) -> Rotation:
+        """The :class:`Rotation` of ``num_tokens`` tokens at ``positions`` (None, an int offset, ``(N,)``
+        or ``(B, N)``), to apply to queries and keys alike. ``end``: a bound on the positions (all
+        ``< end``) if the caller knows one, which saves reading a position tensor's maximum. Up to
+        ``TABLE_LIMIT`` positions come from the cached :meth:`table`; beyond it angles are computed."""
+        if positions is None or (isinstance(positions, int) and not isinstance(positions, bool)):
+            first = 0 if positions is None else positions
+            if 0 <= first and first + num_tokens <= TABLE_LIMIT:
+                cos, sin = self.table(first + num_tokens, dtype, device)
+                return Rotation(cos[first:first + num_tokens], sin[first:first + num_tokens], self.interleaved)
+        pos = position_tensor(positions, num_tokens, device)
+        if end is None:
+            end = int(pos.max()) + 1 if pos.numel() else 0
+            use_table = end <= TABLE_LIMIT and int(pos.min()) >= 0
+        else:
+            use_table = end <= TABLE_LIMIT
+        if use_table:
+            cos, sin = self.table(end, dtype, device)
+            return Rotation(cos[pos], sin[pos], self.interleaved)
+        theta = self.angles(pos)
+        return Rotation(theta.cos().to(dtype), theta.sin().to(dtype), self.interleaved)
+
     def forward(self, x: Tensor, positions=None) -> Tensor:
         """Rotate ``x (B, H, N, head_dim)``; ``positions``: None, an int offset, ``(N,)`` or ``(B, N)``."""
         if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[-1] != self.head_dim:
             raise ValueError(f"x must have shape (batch, heads, seq, {self.head_dim}), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        pos = position_tensor(positions, x.shape[2], x.device)
-        if pos.dim() == 2 and pos.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"positions has batch size {pos.shape[0]}, expected 1 or {x.shape[0]}")
-        theta = self.angles(pos if pos.dim() == 2 else pos[None]).unsqueeze(1)  # (B|1, 1, N, rot/2)
-        cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
-        rot, rest = x[..., :self.rotary_dim], x[..., self.rotary_dim:]
-        if self.interleaved:
-            a, b = rot[..., 0::2], rot[..., 1::2]
-            rotated = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
-        else:
-            a, b = rot.chunk(2, dim=-1)
-            rotated = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
-        return torch.cat((rotated, rest), dim=-1) if rest.shape[-1] else rotated
+        return self.rotation(positions, x.shape[2], dtype=x.dtype, device=x.device)(x)
 
     def extra_repr(self) -> str:
         parts = [f"head_dim={self.head_dim}", f"rotary_dim={self.rotary_dim}", f"base={self.base:g}"]
@@ -126,6 +157,45 @@ class RotaryEmbedding(nn.Module):
         if self.interleaved:
             parts.append("interleaved=True")
         return ", ".join(parts)
+
+
+class Rotation:
+    """The RoPE rotation of some tokens, computed once and applied to queries and keys of every layer.
+
+    ``cos``, ``sin``: ``(N, rotary_dim / 2)`` or ``(B, N, rotary_dim / 2)`` in the dtype of the
+    tensors it rotates (from :meth:`RotaryEmbedding.rotation`). Calling it on ``x (B, H, N, D)``
+    rotates the first ``rotary_dim`` dims of each head, exactly as :class:`RotaryEmbedding` does:
+    pair ``(a, b)`` becomes ``(a cos - b sin, b cos + a sin)``, computed as
+    ``x * [cos, cos] + swap(x) * [-sin, sin]`` (the same floating-point operations, fewer kernels).
+    """
+
+    def __init__(self, cos: Tensor, sin: Tensor, interleaved: bool = False):
+        if cos.dim() == 2:
+            cos, sin = cos[None], sin[None]
+        self.interleaved = bool(interleaved)
+        self.num_tokens, self.rotary_dim = cos.shape[1], 2 * cos.shape[2]
+        if self.interleaved:  # pairs (x[2i], x[2i+1])
+            full_cos = cos.repeat_interleave(2, dim=-1)
+            signed_sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
+        else:  # pairs (x[i], x[i + rotary_dim/2])
+            full_cos = torch.cat((cos, cos), dim=-1)
+            signed_sin = torch.cat((-sin, sin), dim=-1)
+        self.cos, self.sin = full_cos.unsqueeze(1), signed_sin.unsqueeze(1)  # (B|1, 1, N, rotary_dim)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[2] != self.num_tokens or x.shape[-1] < self.rotary_dim:
+            raise ValueError(f"rotation: expected x (B, H, N={self.num_tokens}, >= {self.rotary_dim}), "
+                             f"got {tuple(x.shape)}")
+        if self.cos.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"positions has batch size {self.cos.shape[0]}, expected 1 or {x.shape[0]}")
+        rotary = x.shape[-1] == self.rotary_dim
+        rot = x if rotary else x[..., :self.rotary_dim]
+        if self.interleaved:
+            swapped = rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        else:
+            swapped = rot.roll(self.rotary_dim // 2, dims=-1)
+        rotated = rot * self.cos + swapped * self.sin
+        return rotated if rotary else torch.cat((rotated, x[..., self.rotary_dim:]), dim=-1)
 
 
 class SinusoidalEmbedding(nn.Module):

@@ -23,6 +23,7 @@ from ..validate import positive_int
 from ..masks import causal, key_padding
 from .block import TransformerBlock
 from .generation import generate
+from .mlp import optional_dropout
 from .norms import make_norm
 from .positional import ALiBi, LearnedPositionalEmbedding, RotaryEmbedding, SinusoidalEmbedding
 
@@ -205,11 +206,12 @@ class Decoder(nn.Module):
                              head_dim=c.head_dim, qk_norm=c.qk_norm, sink=c.sink)
             for _ in range(c.num_layers))
         attn = self.blocks[0].attn
+        self._kv_shape = (c.num_layers, attn.num_kv_heads, attn.head_dim)  # per token and layer, in a cache
         self.position_embedding, self.rope, self.alibi = _positional_modules(
             c.positional, dim=c.dim, num_heads=c.num_heads, head_dim=attn.head_dim, max_positions=c.max_positions,
             symmetric_alibi=False, rope={"rotary_dim": c.rotary_dim, "base": c.rope_base,
                                          "scaling": c.rope_scaling, "scaling_factor": c.rope_scaling_factor})
-        self.dropout = nn.Dropout(c.dropout)
+        self.dropout = optional_dropout(c.dropout)
         self.norm = make_norm(c.norm, c.dim, eps=c.norm_eps, bias=c.bias)
         self.lm_head = nn.Linear(c.dim, c.vocab_size, bias=False)
         if c.tie_weights:
@@ -235,12 +237,17 @@ class Decoder(nn.Module):
         return {"num_layers": len(self.blocks), "num_kv_heads": attn.num_kv_heads, "head_dim": attn.head_dim,
                 "dtype": weight.dtype, "device": weight.device}
 
+    def cache_layout(self) -> tuple:
+        """What a cache must store for this model, as :meth:`qkv.cache.KVCacheBase.layout` gives it."""
+        weight = self.token_embedding.weight
+        return (*self._kv_shape, weight.dtype, weight.device)
+
     def check_input_ids(self, input_ids) -> None:
         """``TypeError``/``ValueError`` unless ``input_ids`` is an integer ``(B, N)`` tensor of valid ids."""
         _check_token_ids(input_ids, self.config.vocab_size)
 
     def forward(self, input_ids: Tensor, cache=None, *, lengths=None, mask=None, memory: Tensor | None = None,
-                memory_mask=None, backend: str | None = None) -> Tensor:
+                memory_mask=None, backend: str | None = None, check_ids: bool = True) -> Tensor:
         """Next-token logits ``(B, N, vocab_size)`` for ``input_ids (B, N)``.
 
         Args:
@@ -259,13 +266,18 @@ class Decoder(nn.Module):
             memory, memory_mask: the encoder output ``(B, M, memory_dim)`` and its mask, for
                 cross-attention.
             backend: :func:`qkv.attention` backend.
+            check_ids: check that ``input_ids`` are valid token ids (reading them back: a device sync).
+                ``False`` is for callers whose ids are valid by construction, such as
+                :meth:`generate` feeding back the tokens it sampled.
         """
-        self.check_input_ids(input_ids)
+        if check_ids:
+            self.check_input_ids(input_ids)
         batch, n = input_ids.shape
+        step = None
         if cache is None:
             counts = None if lengths is None else token_counts(lengths, name="lengths", batch_size=batch,
                                                                num_tokens=n, minimum=1)
-            positions = torch.arange(n, device=input_ids.device)
+            positions, rope_positions, end = torch.arange(n, device=input_ids.device), None, n
             if mask is None:
                 mask = causal()  # right padding follows every real token: causality hides it already
             elif counts is not None:
@@ -279,18 +291,25 @@ class Decoder(nn.Module):
                 raise ValueError(f"cache holds {cache.batch_size} sequences, but input_ids has batch size {batch}")
             if lengths is not None:
                 lengths = token_counts(lengths, name="lengths", batch_size=batch, num_tokens=n)
-            positions = cache.begin(n, lengths)
-            counts = cache.step.counts
+            # Checked here once per step; if the cache does not fit, every layer's update says how.
+            step = cache.begin_step(n, lengths, checked=cache.layout() == self.cache_layout())
+            positions, rope_positions, end = None, step.rope_positions, step.end
         x = self.token_embedding(input_ids)
         if self.position_embedding is not None:
+            if step is not None:
+                positions, counts = step.positions, step.counts
             padding = None if counts is None else \
                 torch.arange(n, device=x.device) >= counts.to(x.device)[:, None]
             what = "input_ids" if cache is None else "input_ids (after the tokens already cached)"
             x = x + _absolute(self.position_embedding, positions, x.dtype, padding=padding, what=what)
-        x = self.dropout(x)
+        if self.dropout is not None:
+            x = self.dropout(x)
         score_mod = self.alibi.score_mod() if self.alibi is not None else None
+        rope = None  # one rotation per step, shared by the queries and keys of every layer
+        if self.rope is not None:
+            rope = self.rope.rotation(rope_positions, n, dtype=x.dtype, device=x.device, end=end)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, score_mod=score_mod, rope=self.rope, positions=positions,
+            x = block(x, mask=mask, score_mod=score_mod, rope=rope, positions=positions,
                       cache=None if cache is None else cache.layer(i), memory=memory, memory_mask=memory_mask,
                       backend=backend)
         if cache is not None:
@@ -300,7 +319,7 @@ class Decoder(nn.Module):
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos=None, *, lengths=None, cache=None,
                  generator: torch.Generator | None = None, memory: Tensor | None = None, memory_mask=None,
-                 backend: str | None = None) -> Tensor:
+                 backend: str | None = None, compile: bool | dict = False) -> Tensor:
         """Sample up to ``max_new_tokens`` tokens after each prompt.
 
         The prompts run through the model once (prefill, filling the cache); then each new token
@@ -323,12 +342,20 @@ class Decoder(nn.Module):
                 decoding from it, feed that last token first.
             generator: random source for sampling.
             memory, memory_mask, backend: as for :meth:`forward`.
+            compile: decode with a fixed-shape step compiled by ``torch.compile(fullgraph=True)``
+                (:mod:`qkv.nn.compiled`; on CUDA with ``mode="reduce-overhead"``, CUDA graphs); a
+                dict instead of True is passed to ``torch.compile`` as options. Needs a
+                :class:`~qkv.cache.KVCache` (the default; reused across calls of the same size so
+                the compiled step is too), RoPE/learned/sinusoidal/no positions, no sinks, no
+                cross-attention. The first call of a size compiles (seconds); the prefill and the
+                first step run eagerly.
 
         Returns:
             ``(B, T)`` int64 new token ids, ``T <= max_new_tokens`` (fewer if all rows hit ``eos``).
         """
         return generate(self, input_ids, max_new_tokens, temperature, top_k, top_p, eos, lengths=lengths,
-                        cache=cache, generator=generator, memory=memory, memory_mask=memory_mask, backend=backend)
+                        cache=cache, generator=generator, memory=memory, memory_mask=memory_mask, backend=backend,
+                        compile=compile)
 
 
 def _check_cache(cache) -> None:

@@ -1,0 +1,102 @@
+"""The ``triton`` backend: qkv's own GPU kernels (forward, deterministic backward, split-KV decode).
+
+Importing this package does not import Triton: :class:`TritonBackend` says why it cannot run
+(no Triton, no CUDA device, ...) without it, and the kernels (:mod:`.kernels`, :mod:`.launch`,
+:mod:`.decode`) are imported on first use. On CPU the kernels run only under ``TRITON_INTERPRET=1``
+(set before Python starts), for tests; the dispatcher then never picks them on its own.
+
+See ``docs/triton.md`` for the design: tile lists from the block view per batch and head, masks as
+small in-kernel programs with runtime parameters, score modifiers and dropout in-kernel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from ...problem import Problem
+from .configs import interpreting
+from .programs import mask_program, score_program
+
+#: Largest head dim (of q/k and of v) the kernels serve with gradients, and forward only.
+MAX_HEAD_DIM_BACKWARD = 256
+MAX_HEAD_DIM_FORWARD = 512
+
+#: Guessed CUDA rates (seconds per visited score, fixed + per unit of D + Dv; per partial score;
+#: per launch), set a little above SDPA's so that dense problems and decode stay on SDPA until measured.
+_SCORE, _SCORE_PER_DIM, _PARTIAL_SCORE, _LAUNCH, _BACKWARD = 2.4e-13, 2.4e-15, 1.0e-13, 8e-6, 2.5
+_BYTES_PER_SECOND = 2.5e12  # reading K and V once (decode is bandwidth-bound)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+class TritonBackend:
+    """qkv's Triton kernels (see module docstring)."""
+
+    name = "triton"
+
+    def unsupported(self, problem: Problem) -> list[str]:
+        p = problem
+        reasons = []
+        if not triton_available():
+            return ["Triton is not installed (pip install 'qkv[triton]')"]
+        if p.device.type != "cuda" and not (p.device.type == "cpu" and interpreting()):
+            reasons.append(f"needs a CUDA device, got {p.device.type} (on CPU only under TRITON_INTERPRET=1)")
+        if p.dtype == torch.float64:
+            reasons.append("float64 is not supported (float32, bfloat16, float16)")
+        dims = max(p.head_dim, p.v_dim)
+        if dims > MAX_HEAD_DIM_FORWARD:
+            reasons.append(f"head dims up to {MAX_HEAD_DIM_FORWARD}, got {dims}")
+        elif dims > MAX_HEAD_DIM_BACKWARD and p.requires_grad:
+            reasons.append(f"gradients for head dims up to {MAX_HEAD_DIM_BACKWARD}, got {dims} (forward "
+                           f"serves up to {MAX_HEAD_DIM_FORWARD})")
+        if p.bias is not None:
+            reasons.append("an additive float mask (bias tensor) is not applied in-kernel; use a bool mask "
+                           "or a score_mod")
+        prog = score_program(p.score_mod)
+        if isinstance(prog, str):
+            reasons.append(prog)
+        return reasons
+
+    def estimate(self, problem: Problem) -> float:
+        p = problem
+        if p.device.type != "cuda":
+            return 1e9  # the interpreter: forcible for tests, never chosen
+        block_q, block_k = 128, 64
+        kinds = p.block_kinds(block_q, block_k)
+        tile = min(block_q, p.nq) * min(block_k, p.nk) * p.batch * p.q_heads
+        visited = int((kinds > 0).sum()) * tile
+        partial = int((kinds == 1).sum()) * tile
+        kv_bytes = p.batch * p.kv_heads * p.nk * (p.head_dim + p.v_dim) * p.k.element_size()
+        t = (visited * (_SCORE + _SCORE_PER_DIM * (p.head_dim + p.v_dim)) + partial * _PARTIAL_SCORE + _LAUNCH
+             + kv_bytes / _BYTES_PER_SECOND)
+        return t * (1 + _BACKWARD) if p.requires_grad else t
+
+    def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
+        from .launch import Launch, TritonAttention
+
+        p = problem
+        mask = mask_program(p.mask, p.batch, p.nq, p.nk, p.device)
+        score = score_program(p.score_mod)
+        from . import decode
+
+        if decode.serves(p, mask):
+            return decode.decode_problem(p, mask, score)
+        launch = Launch(p, mask, score)
+        q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
+        mods = p.score_mod.tensors if p.score_mod is not None else ()
+        return TritonAttention.apply(launch, q, k, v, *mods)
+
+
+def paged_attention(*args, **kwargs):
+    """Attention over a paged KV cache read in place (see :func:`.decode.paged_attention`)."""
+    from .decode import paged_attention as run
+
+    return run(*args, **kwargs)
+
+
+__all__ = ["TritonBackend", "triton_available", "paged_attention"]

@@ -1,0 +1,99 @@
+"""Tile configurations and the autotuning cache (no triton import at module level).
+
+Each kernel direction (``fwd``, ``bwd``) has a few candidate configurations per head dim. On CUDA
+the first call for a key ``(device, direction, D, Dv, dtype, mask class, score class, dropout)``
+times each candidate on that call's problem (``triton.testing.do_bench``) and caches the fastest
+for the process; later calls with the same key reuse it (masks of one class share it whatever their
+sizes). Under ``TRITON_INTERPRET=1`` timing is meaningless: one small configuration is used.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Config:
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+#: The interpreter's only configuration: small tiles, so tests at tiny sizes cross many tiles.
+INTERPRETER = Config(16, 16, 1, 1)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def candidates(direction: str, head_dim: int) -> list[Config]:
+    """Candidate configurations (the largest head dim of q/k and v decides)."""
+    if interpreting():
+        return [INTERPRETER]
+    if direction == "fwd":
+        if head_dim <= 64:
+            return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)]
+        if head_dim <= 128:
+            return [Config(128, 64, 8, 3), Config(128, 32, 4, 3), Config(64, 64, 4, 3), Config(128, 128, 8, 2)]
+        if head_dim <= 256:
+            return [Config(64, 64, 4, 2), Config(64, 32, 4, 2), Config(128, 32, 8, 2)]
+        return [Config(32, 32, 4, 1), Config(64, 32, 8, 1), Config(32, 16, 4, 1)]
+    if head_dim <= 64:
+        return [Config(64, 64, 4, 2), Config(128, 64, 8, 2), Config(64, 128, 8, 2)]
+    if head_dim <= 128:
+        return [Config(64, 64, 4, 2), Config(64, 64, 8, 2), Config(32, 64, 4, 2), Config(128, 64, 8, 2)]
+    return [Config(32, 32, 4, 1), Config(64, 32, 8, 1), Config(32, 64, 8, 1)]
+
+
+_CACHE: dict[tuple, Config] = {}
+
+
+def pick(key: tuple, options: list[Config], run: Callable[[Config], None]) -> Config:
+    """The cached best of ``options`` for ``key``; times them with ``run(config)`` on a miss."""
+    if len(options) == 1 or os.environ.get("QKV_TRITON_AUTOTUNE", "1") == "0":
+        return options[0]
+    if key in _CACHE:
+        return _CACHE[key]
+    from triton.testing import do_bench
+
+    times = {}
+    for cfg in options:
+        try:
+            times[cfg] = do_bench(lambda: run(cfg), warmup=3, rep=10)
+        except Exception:  # e.g. out of shared memory for this tile size on this device
+            continue
+    if not times:
+        raise RuntimeError(f"triton backend: no tile configuration compiled for {key}")
+    _CACHE[key] = best = min(times, key=times.get)
+    return best
+
+
+def cached() -> dict[tuple, Config]:
+    """The configurations chosen so far (for benchmark result files)."""
+    return dict(_CACHE)
+
+
+def patch_interpreter() -> None:
+    """Make Triton 3.6's interpreter usable with NumPy >= 2.3 (interpreter only, tests only).
+
+    The interpreter holds scalars as 1-element arrays and turns them into loop bounds with
+    ``int(array)``, which NumPy 2.3 made an error: ``range(0, n)`` over a loaded count fails.
+    This re-points that one conversion at ``array.item()``. Compiled kernels are not affected."""
+    if not interpreting():
+        return
+    from triton.runtime import interpreter
+
+    if getattr(interpreter, "_qkv_patched", False):
+        return
+    original = interpreter._patch_lang_tensor
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    interpreter._qkv_patched = True

@@ -1,0 +1,218 @@
+"""The decoding hot path (issue 14): the fast path of qkv.attention computes exactly what the
+dispatcher's choice computes and only where the dispatcher chooses SDPA; RoPE from the cached table
+is bit-identical to computing the angles; uniform cache steps build no index tensors and equal the
+full pass; no dropout modules at p = 0; the fixed-shape decode step compiles with fullgraph=True and
+decodes the same tokens."""
+
+import math
+
+import pytest
+import torch
+
+import qkv
+from qkv import fastpath
+from qkv.backends import REGISTRY
+from qkv.cache import KVCache, PagedKVCache, StreamingKVCache, set_debug
+from qkv.nn import Decoder, RotaryEmbedding
+from qkv.nn.compiled import DecodeStep
+from qkv.problem import make_problem
+from tests.decoders import TOL, make_model
+
+NAN, INF = float("nan"), float("inf")
+
+
+def general_sdpa(q, k, v, mask=None):
+    """What the general path runs on the SDPA backend (no fast path involved)."""
+    return REGISTRY["sdpa"].run(make_problem(q, k, v, mask))[0]
+
+
+def decode_inputs(batch, hq, hkv, nk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, hq, 1, d, generator=g).to(dtype), torch.randn(batch, hkv, nk, d, generator=g).to(dtype),
+            torch.randn(batch, hkv, nk, d, generator=g).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_fast_path_equals_the_general_path_bit_for_bit(dtype, heads):
+    q, k, v = decode_inputs(2, *heads, 77, 16, dtype)
+    key_mask = (torch.arange(77) <= torch.tensor([30, 76])[:, None])[:, None, None, :]
+    k[0, :, 31:] = NAN  # hidden by the key mask: must not matter
+    for mask in (None, qkv.causal(), key_mask):
+        kk = k if mask is key_mask else k.nan_to_num()
+        fast = qkv.attention(q, kk, v, mask, backend="sdpa")
+        assert torch.equal(fast, general_sdpa(q, kk, v, mask)), (dtype, heads, mask)
+    sq = torch.randn(2, heads[0], 77, 16).to(dtype)  # square causal: SDPA's is_causal
+    assert torch.equal(qkv.attention(sq, k.nan_to_num(), v, qkv.causal(), backend="sdpa"),
+                       general_sdpa(sq, k.nan_to_num(), v, qkv.causal()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_path_keeps_the_nan_promise(dtype, causal):
+    """A query holding NaN or inf gives a NaN row, as on every backend (torch's kernels alone may
+    return zeros for some dtypes and masks)."""
+    for nq in (1, 24):
+        q, k, v = (torch.randn(2, 2, n, 32).to(dtype) for n in (nq, 24, 24))
+        q[0, 1, -1, 3], q[1, 0, 0, 0] = NAN, INF
+        out = qkv.attention(q, k, v, qkv.causal() if causal else None, backend="sdpa")
+        assert bool(out[0, 1, -1].isnan().all()) and bool(out[1, 0, 0].isnan().all())
+        assert int(out.isnan().any(-1).sum()) == 2
+
+
+def test_fast_path_follows_the_dispatcher(monkeypatch):
+    """Across decode shapes, a call takes the fast path only where explain_dispatch says sdpa, and
+    then the decision is the one remembered for its signature."""
+    fastpath.clear()
+    served = 0
+    for nk in (1, 2, 3, 7, 16, 31, 64, 100, 255, 256, 600, 1500):
+        for mask in (None, qkv.causal()):
+            q, k, v = decode_inputs(1, 4, 4, nk, 32, torch.float32, seed=nk)
+            out = fastpath.attend(q, k, v, mask, None)
+            chosen = qkv.explain_dispatch(q, k, v, mask).chosen
+            if out is not None:
+                served += 1
+                assert chosen == "sdpa", nk
+                assert torch.equal(out, qkv.attention(q, k, v, mask))
+    assert served >= 8
+    # a signature the dispatcher sends elsewhere is not served
+    monkeypatch.setattr(REGISTRY["reference"], "estimate", lambda problem: 0.0)
+    fastpath.clear()
+    q, k, v = decode_inputs(1, 4, 4, 40, 32, torch.float32)
+    assert fastpath.attend(q, k, v, None, None) is None
+    assert qkv.explain_dispatch(q, k, v).chosen == "reference"
+    assert fastpath.attend(q, k, v, None, None, "sdpa") is not None  # forced: SDPA can run it
+    monkeypatch.undo()
+    fastpath.clear()
+
+
+def test_fast_path_leaves_bad_arguments_to_the_general_path():
+    q, k, v = decode_inputs(1, 4, 4, 8, 16, torch.float32)
+    with pytest.raises(TypeError, match="share one dtype"):
+        qkv.attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        qkv.attention(q, k, v, scale=math.inf)
+    with pytest.raises(ValueError, match="same sequence length"):
+        qkv.attention(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="dropout_p"):
+        qkv.attention(q, k, v, dropout_p=False)
+    assert torch.equal(qkv.attention(q, k, v, scale=2), qkv.attention(q, k, v, scale=2.0))
+
+
+def old_rope(rope: RotaryEmbedding, x, positions):
+    """The rotation as computed before the table: float64 angles per call, cast, a*cos - b*sin."""
+    theta = rope.angles(positions if positions.dim() == 2 else positions[None]).unsqueeze(1)
+    cos, sin = theta.cos().to(x.dtype), theta.sin().to(x.dtype)
+    rot, rest = x[..., :rope.rotary_dim], x[..., rope.rotary_dim:]
+    if rope.interleaved:
+        a, b = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((a * cos - b * sin, b * cos + a * sin), dim=-1).flatten(-2)
+    else:
+        a, b = rot.chunk(2, dim=-1)
+        rotated = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+    return torch.cat((rotated, rest), dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("interleaved,rotary_dim", [(False, None), (True, None), (False, 4)])
+def test_rope_table_is_bit_identical_to_computed_angles(dtype, interleaved, rotary_dim):
+    rope = RotaryEmbedding(8, rotary_dim=rotary_dim, interleaved=interleaved, scaling="linear", scaling_factor=2.0)
+    x = torch.randn(2, 3, 5, 8).to(dtype)
+    for positions in (torch.arange(5), torch.arange(300, 305), torch.tensor([[0, 4, 9, 1, 2], [7, 7, 8, 100, 3]]),
+                      torch.arange(70_000, 70_005)):  # the last beyond the table: angles computed
+        assert torch.equal(rope(x, positions), old_rope(rope, x, positions)), positions
+    assert torch.equal(rope(x, 300), old_rope(rope, x, torch.arange(300, 305)))
+    assert rope._table[0].dtype == dtype and rope._table[0].shape[0] >= 305  # grown on demand, model dtype
+
+
+def test_one_rotation_per_step_and_a_uniform_step_builds_no_positions():
+    model = make_model()
+    calls = []
+    original = model.rope.rotation
+    model.rope.rotation = lambda *a, **kw: calls.append(a) or original(*a, **kw)
+    cache = KVCache(batch_size=2, capacity=16, **model.cache_spec())
+    ids = torch.randint(0, 37, (2, 9))
+    with torch.no_grad():
+        model(ids[:, :8], cache)
+        calls.clear()
+        step = model(ids[:, 8:], cache)
+    assert len(calls) == 1 and calls[0][0] == 8  # once per step, for every layer, from the int offset
+    torch.testing.assert_close(step, model(ids)[:, 8:], **TOL)
+    assert cache.lengths.tolist() == [9, 9] and cache._uniform == 9
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "paged", "streaming"])
+def test_uniform_hot_path_equals_the_full_pass_in_debug_mode(kind):
+    """Debug mode checks every layer and the hot path's bookkeeping against the general one's."""
+    model = make_model()
+    ids = torch.randint(0, 37, (2, 14))
+    spec = model.cache_spec()
+    if kind == "contiguous":
+        cache = KVCache(batch_size=2, capacity=14, **spec)
+    elif kind == "paged":
+        pool = PagedKVCache(num_pages=12, page_size=4, **spec)
+        cache = pool.batch([pool.add_sequence(), pool.add_sequence()])
+    else:
+        cache = StreamingKVCache(batch_size=2, sinks=2, window=20, **spec)
+    set_debug(True)
+    try:
+        with torch.no_grad():
+            pieces = [model(ids[:, :5], cache)] + [model(ids[:, t:t + 1], cache) for t in range(5, 14)]
+    finally:
+        set_debug(False)
+    torch.testing.assert_close(torch.cat(pieces, 1), model(ids), **TOL)
+    assert cache.lengths.tolist() == [14, 14]
+
+
+def test_no_dropout_modules_at_p_zero():
+    assert not any(isinstance(m, torch.nn.Dropout) for m in Decoder(vocab_size=11, dim=8, num_layers=2,
+                                                                     num_heads=2).modules())
+    with_dropout = Decoder(vocab_size=11, dim=8, num_layers=2, num_heads=2, dropout=0.1)
+    assert sum(isinstance(m, torch.nn.Dropout) for m in with_dropout.modules()) == 1 + 2 * 2
+
+
+def test_decode_step_compiles_whole_and_decodes_the_same_tokens():
+    """One compile (dynamo with fullgraph=True: any graph break raises; the eager backend keeps it
+    quick), then ragged prompts: the tokens of eager decoding, and a cache that continues."""
+    from tests.test_generate import make_model as confident_model
+
+    model = confident_model()
+    prompts = torch.randint(0, 23, (3, 6))
+    lengths = torch.tensor([3, 6, 4])
+    expected = model.generate(prompts, 10, temperature=0, lengths=lengths)
+    torch._dynamo.reset()
+    out = model.generate(prompts, 10, temperature=0, lengths=lengths, compile={"backend": "eager"})
+    assert torch.equal(out, expected)
+    cache = model._compiled_decode_cache
+    assert cache.lengths.tolist() == [3 + 9, 6 + 9, 4 + 9]
+    # the cache holds what eager decoding would have put there
+    eager = KVCache(batch_size=3, capacity=cache.capacity, **model.cache_spec())
+    with torch.no_grad():
+        model(prompts, eager, lengths=lengths)
+        for t in range(9):
+            model(out[:, t:t + 1], eager)
+    for b, n in enumerate(cache.lengths.tolist()):
+        torch.testing.assert_close(cache.k[:, b, :, :n], eager.k[:, b, :, :n], **TOL)
+        torch.testing.assert_close(cache.v[:, b, :, :n], eager.v[:, b, :, :n], **TOL)
+
+
+def test_compile_refuses_what_the_fixed_shape_step_cannot_serve():
+    with pytest.raises(ValueError, match="compile: .*positional='alibi'"):
+        make_model(positional="alibi").generate(torch.zeros(1, 3, dtype=torch.int64), 4, temperature=0, compile=True)
+    model = make_model()
+    pool = PagedKVCache(num_pages=4, page_size=4, **model.cache_spec())
+    with pytest.raises(ValueError, match="compile: .*KVCache"):
+        model.generate(torch.zeros(1, 3, dtype=torch.int64), 4, temperature=0, cache=pool.batch([pool.add_sequence()]),
+                       compile=True)
+    with pytest.raises(ValueError, match="layout"):
+        DecodeStep(model, KVCache(2, 1, 8, 1, 4, dtype=torch.float64))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CUDA graphs, mode='reduce-overhead')")
+def test_cuda_graph_decode_step():
+    from tests.test_generate import make_model as confident_model
+
+    model = confident_model().float().cuda()
+    prompts = torch.randint(0, 23, (2, 5), device="cuda")
+    expected = model.generate(prompts, 8, temperature=0)
+    assert torch.equal(model.generate(prompts, 8, temperature=0, compile=True), expected)

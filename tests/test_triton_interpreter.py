@@ -1,0 +1,47 @@
+"""Runs ``tests/test_triton.py`` under Triton's CPU interpreter as part of the default suite.
+
+``TRITON_INTERPRET=1`` must be set before Python starts (Triton reads it at import), so the
+kernels' tests run in a child pytest process; its summary is shown when it fails. On a CUDA
+machine test_triton.py runs natively at full size instead, and this test skips.
+"""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (qkv[triton])")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_triton.py runs on the GPU")
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already in the interpreter")
+def test_triton_kernels_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
+        [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--no-header",
+           "tests/test_triton.py", "tests/test_triton_decode.py"]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
+
+
+def test_import_qkv_does_not_import_triton():
+    code = "import sys, qkv; qkv.explain_dispatch; assert 'triton' not in sys.modules, 'triton imported'"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_triton_says_why_it_cannot_run_on_cpu():
+    if os.environ.get("TRITON_INTERPRET") == "1" or importlib.util.find_spec("triton") is None:
+        pytest.skip("the interpreter (or no triton) changes the reason")
+    import qkv
+
+    q = torch.randn(1, 1, 4, 8)
+    decision = qkv.explain_dispatch(q, q, q)
+    assert decision.chosen != "triton"
+    assert "needs a CUDA device" in " ".join(decision.reasons["triton"])
