@@ -13,6 +13,7 @@ from torch import Tensor
 from .. import dropout as _dropout
 from ..problem import Problem
 from . import costs
+from .capabilities import Capabilities, reasons
 
 
 def hidden_entries(problem: Problem) -> Tensor | None:
@@ -102,12 +103,17 @@ def apply_dropout(weights: Tensor, problem: Problem) -> Tensor:
 
 class ReferenceBackend:
     name = "reference"
+    capabilities = Capabilities()  # everything
 
     def unsupported(self, problem: Problem) -> list[str]:
-        return []
+        return reasons(self.capabilities, problem)
 
     def estimate(self, problem: Problem) -> float:
-        return costs.reference(problem)
+        """The materialised ``(B, Hq, Nq, Nk)`` softmax: a fixed cost per score."""
+        p = problem
+        r = costs.rates(p)
+        t = p.nq * p.nk * p.batch * p.q_heads * r.reference_score * (p.head_dim + p.v_dim) / 128
+        return costs.with_backward(p, t, r.tiled_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
         hidden = hidden_entries(problem)

@@ -30,6 +30,7 @@ from .. import dropout as _dropout
 from ..layout import plan_runs  # noqa: F401  (re-exported: qkv.backends.tiled.plan_runs)
 from ..problem import Problem
 from . import costs
+from .capabilities import Capabilities, reasons
 
 NEG_INF = float("-inf")
 
@@ -336,11 +337,39 @@ class TiledBackend:
         self.sizes = sizes or TileSizes()
         self.name = name
 
+    capabilities = Capabilities()  # everything, on any device
+
     def unsupported(self, problem: Problem) -> list[str]:
-        return []
+        return reasons(self.capabilities, problem)
 
     def estimate(self, problem: Problem) -> float:
-        return costs.tiled(problem, self.sizes)
+        """Visited scores (more on partial tiles) plus a fixed cost per run of the walk that
+        :meth:`run` takes. Small problems, and masks whose block view would have to be found by
+        evaluating them element by element, are estimated as if every tile were partial rather
+        than building the layout just to estimate."""
+        p, s = problem, self.sizes
+        r = costs.rates(p)
+        heads = p.q_heads
+        small = p.mask is None or p.nq * p.nk <= costs.SMALL_PROBLEM_SCORES
+        if small or not p.mask.analytic_block_view:
+            visited = p.nq * p.nk * p.batch * heads
+            partial = 0 if small else visited
+            q_tiles, k_tiles = -(-p.nq // s.block_q), -(-p.nk // s.block_k)
+            steps = q_tiles * -(-k_tiles * s.block_k // s.max_run)
+        else:
+            visited = partial = steps = 0
+            for b0, b1, plan in p.layout(s.block_q, s.block_k).runs(s.max_run):
+                count = (p.batch if b1 is None else b1 - b0) * heads
+                for i, runs in enumerate(plan):
+                    rows = min(s.block_q, p.nq - i * s.block_q)
+                    for c0, c1, is_partial in runs:
+                        visited += count * rows * (c1 - c0)
+                        partial += count * rows * (c1 - c0) if is_partial else 0
+                    steps += len(runs)
+        bias = r.tiled_bias_score if p.bias is not None else 0.0
+        t = (visited * (r.tiled_score + r.tiled_score_per_dim * (p.head_dim + p.v_dim) + bias)
+             + partial * r.tiled_partial_score + steps * r.tiled_step)
+        return costs.with_backward(p, t, r.tiled_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
         s = self.sizes
