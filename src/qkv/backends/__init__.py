@@ -7,6 +7,8 @@ estimates its run time, and runs. :mod:`qkv.dispatch` picks among the registered
 from __future__ import annotations
 
 from .base import Backend
+from .capabilities import Capabilities, reasons
+from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend, TileSizes
@@ -20,7 +22,8 @@ def register(backend: Backend) -> None:
     REGISTRY[backend.name] = backend
 
 
-for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), TritonBackend()):
+for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), TritonBackend(), FlexBackend()):
     register(_backend)
 
-__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend", "TritonBackend"]
+__all__ = ["Backend", "Capabilities", "reasons", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes",
+           "SdpaBackend", "TritonBackend", "FlexBackend"]
