@@ -63,18 +63,9 @@ class TritonBackend:
         return reasons
 
     def estimate(self, problem: Problem) -> float:
-        p = problem
-        if p.device.type != "cuda":
+        if problem.device.type != "cuda":
             return 1e9  # the interpreter: forcible for tests, never chosen
-        block_q, block_k = 128, 64
-        kinds = p.block_kinds(block_q, block_k)
-        tile = min(block_q, p.nq) * min(block_k, p.nk) * p.batch * p.q_heads
-        visited = int((kinds > 0).sum()) * tile
-        partial = int((kinds == 1).sum()) * tile
-        kv_bytes = p.batch * p.kv_heads * p.nk * (p.head_dim + p.v_dim) * p.k.element_size()
-        t = (visited * (_SCORE + _SCORE_PER_DIM * (p.head_dim + p.v_dim)) + partial * _PARTIAL_SCORE + _LAUNCH
-             + kv_bytes / _BYTES_PER_SECOND)
-        return t * (1 + _BACKWARD) if p.requires_grad else t
+        return cuda_estimate(problem)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
         from .launch import Launch, TritonAttention
@@ -90,6 +81,22 @@ class TritonBackend:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
         mods = p.score_mod.tensors if p.score_mod is not None else ()
         return TritonAttention.apply(launch, q, k, v, *mods)
+
+
+def cuda_estimate(problem: Problem) -> float:
+    """Guessed seconds on a Hopper GPU (see the rates above): the tiles the kernels visit per batch
+    element and head, extra for partial tiles, plus reading K and V once."""
+    p = problem
+    block_q, block_k = 128, 64
+    kinds = p.layout(block_q, block_k).kinds  # per batch element and head: what the kernels walk
+    spread = (p.batch // kinds.shape[0]) * (p.q_heads // kinds.shape[1])
+    tile = min(block_q, p.nq) * min(block_k, p.nk) * spread
+    visited = int((kinds > 0).sum()) * tile
+    partial = int((kinds == 1).sum()) * tile
+    kv_bytes = p.batch * p.kv_heads * p.nk * (p.head_dim + p.v_dim) * p.k.element_size()
+    t = (visited * (_SCORE + _SCORE_PER_DIM * (p.head_dim + p.v_dim)) + partial * _PARTIAL_SCORE + _LAUNCH
+         + kv_bytes / _BYTES_PER_SECOND)
+    return t * (1 + _BACKWARD) if p.requires_grad else t
 
 
 def paged_attention(*args, **kwargs):
