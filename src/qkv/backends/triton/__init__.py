@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ...problem import Problem
+from ..capabilities import Capabilities, reasons
 from .configs import interpreting
 from .programs import mask_program, score_program
 
@@ -39,28 +40,30 @@ class TritonBackend:
 
     name = "triton"
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """CUDA devices (and the CPU under ``TRITON_INTERPRET=1``), float32/bf16/fp16, head dims up
+        to 512 (256 with gradients: checked in :meth:`unsupported`), no bias tensors."""
+        return Capabilities(
+            dtypes=(torch.float32, torch.bfloat16, torch.float16),
+            devices=("cuda", "cpu") if interpreting() else ("cuda",),
+            head_dims=(1, MAX_HEAD_DIM_FORWARD), bias=False,
+            why={"device": "Triton kernels run on CUDA devices (on CPU only under TRITON_INTERPRET=1)",
+                 "bias": "an additive bias tensor is not applied in-kernel; use a bool mask or a score_mod"})
+
     def unsupported(self, problem: Problem) -> list[str]:
         p = problem
-        reasons = []
         if not triton_available():
             return ["Triton is not installed (pip install 'qkv[triton]')"]
-        if p.device.type != "cuda" and not (p.device.type == "cpu" and interpreting()):
-            reasons.append(f"needs a CUDA device, got {p.device.type} (on CPU only under TRITON_INTERPRET=1)")
-        if p.dtype == torch.float64:
-            reasons.append("float64 is not supported (float32, bfloat16, float16)")
+        out = reasons(self.capabilities, p)
         dims = max(p.head_dim, p.v_dim)
-        if dims > MAX_HEAD_DIM_FORWARD:
-            reasons.append(f"head dims up to {MAX_HEAD_DIM_FORWARD}, got {dims}")
-        elif dims > MAX_HEAD_DIM_BACKWARD and p.requires_grad:
-            reasons.append(f"gradients for head dims up to {MAX_HEAD_DIM_BACKWARD}, got {dims} (forward "
-                           f"serves up to {MAX_HEAD_DIM_FORWARD})")
-        if p.bias is not None:
-            reasons.append("an additive float mask (bias tensor) is not applied in-kernel; use a bool mask "
-                           "or a score_mod")
+        if MAX_HEAD_DIM_BACKWARD < dims <= MAX_HEAD_DIM_FORWARD and p.requires_grad:
+            out.append(f"backward: gradients for head dims up to {MAX_HEAD_DIM_BACKWARD}, got {dims} (forward "
+                       f"serves up to {MAX_HEAD_DIM_FORWARD})")
         prog = score_program(p.score_mod)
         if isinstance(prog, str):
-            reasons.append(prog)
-        return reasons
+            out.append(prog)
+        return out
 
     def estimate(self, problem: Problem) -> float:
         if problem.device.type != "cuda":
