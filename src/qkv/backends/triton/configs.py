@@ -65,14 +65,14 @@ def pick(key: tuple, options: list[Config], run: Callable[[Config], None]) -> Co
         return _CACHE[key]
     from triton.testing import do_bench
 
-    times = {}
+    times, error = {}, None
     for cfg in options:
         try:
             times[cfg] = do_bench(lambda: run(cfg), warmup=3, rep=10)
-        except Exception:  # e.g. out of shared memory for this tile size on this device
-            continue
+        except Exception as err:  # e.g. out of shared memory for this tile size on this device
+            error = err
     if not times:
-        raise RuntimeError(f"triton backend: no tile configuration compiled for {key}")
+        raise RuntimeError(f"triton backend: no tile configuration ran for {key}") from error
     _CACHE[key] = best = min(times, key=times.get)
     return best
 
