@@ -182,6 +182,22 @@ def test_garbage_in_unused_contiguous_cache_slots_changes_nothing():
         torch.testing.assert_close(b, a, **TOL)
 
 
+def test_garbage_in_empty_streaming_cache_slots_changes_nothing():
+    from qkv.cache import StreamingKVCache
+
+    model = make_model()
+    ids = torch.randint(0, 37, (2, 9))
+    results = []
+    for garbage in (0.0, NAN):
+        cache = StreamingKVCache(batch_size=2, sinks=2, window=6, **model.cache_spec())
+        cache.k.fill_(garbage)  # slots not yet holding a token (position -1)
+        cache.v.fill_(garbage)
+        results.append([model(ids[:, :3], cache)] + [model(ids[:, t:t + 1], cache, backend=b)
+                                                       for t, b in zip(range(3, 9), BACKENDS * 2)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **TOL)
+
+
 # -- 3. NaN that reaches a visible score ----------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

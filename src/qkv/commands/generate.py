@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.prompt:
         raise UsageError("--prompt must not be empty")
-    existing_dir("--checkpoint", args.checkpoint, needs=gpt.CONFIG,
+    existing_dir("--checkpoint", args.checkpoint, needs=gpt.checkpoint_marker(args.checkpoint),
                  hint=" (train a model first: qkv train, or pass --checkpoint DIR)")
     model = gpt.load_model_from(args.checkpoint)
     prompt = corpus.encode(args.prompt)[None]

@@ -56,7 +56,8 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
     if args.resume:
-        existing_dir("--out", out, needs=gpt.CONFIG, hint=" to resume (train one first: qkv train --out DIR)")
+        existing_dir("--out", out, needs=gpt.checkpoint_marker(out),
+                     hint=" to resume (train one first: qkv train --out DIR)")
     elif out.exists() and not out.is_dir():
         raise UsageError(f"--out must be a directory, but {out} is a file")
     elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -71,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     if "dim" in model_changes:  # SwiGLU width ~ 8/3 of the model width, rounded to 32
         model_changes["mlp_dim"] = (model_changes["dim"] * 8 // 3 + 31) // 32 * 32
     if args.overwrite:
-        for name in (gpt.CONFIG, gpt.WEIGHTS, gpt.TRAINER):
+        # Old step directories are removed by the first save of the new run.
+        for name in (gpt.POINTER, gpt.CONFIG, gpt.WEIGHTS, gpt.TRAINER):
             (Path(args.out) / name).unlink(missing_ok=True)
     if args.resume:
         meta = gpt.read_meta(args.out)
