@@ -44,8 +44,10 @@ class Recorder:
 
 
 def signature(fn, args, kwargs):
+    """Types, constants and the 16-divisibility attributes a real launch would specialise on
+    (aligned pointers, ints divisible by 16; ints equal to 1 become constants)."""
     names = fn.arg_names
-    sig, consts = {}, {}
+    sig, consts, attrs = {}, {}, {}
     values = dict(zip(names, args))
     values.update({k: v for k, v in kwargs.items() if k in names})
     for i, name in enumerate(names):
@@ -54,15 +56,21 @@ def signature(fn, args, kwargs):
             sig[name], consts[name] = "constexpr", v
         elif isinstance(v, torch.Tensor):
             sig[name] = "*" + _TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, bool):
             sig[name] = "i1"
+        elif isinstance(v, int) and v == 1 and not fn.params[i].do_not_specialize:
+            sig[name], consts[name] = "constexpr", 1
         elif isinstance(v, int):
             sig[name] = "i32" if -2**31 <= v < 2**31 else "i64"
+            if v % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
         elif isinstance(v, float):
             sig[name] = "fp32"
         else:
             raise TypeError(f"{name}: {type(v)}")
-    return sig, consts, {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+    return sig, consts, attrs, {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
 
 
 def problems():
@@ -100,8 +108,9 @@ def record(all_configs: bool):
         mask, score = mask_program(p.mask, p.batch, p.nq, p.nk, p.device), score_program(p.score_mod)
         run = launch.Launch(p, mask, score)
         dims = max(p.head_dim, p.v_dim)
-        fwd = configs.candidates("fwd", dims) if all_configs else configs.candidates("fwd", dims)[:1]
-        bwd = configs.candidates("bwd", dims) if all_configs else configs.candidates("bwd", dims)[:1]
+        f32 = p.dtype == torch.float32
+        fwd = configs.candidates("fwd", dims, f32)[:None if all_configs else 1]
+        bwd = configs.candidates("bwd", dims, f32)[:None if all_configs else 1]
         out = torch.zeros(p.batch, p.q_heads, p.nq, p.v_dim, dtype=p.dtype)
         lse = torch.zeros(p.batch, p.q_heads, p.nq)
         start = len(calls)
@@ -121,6 +130,22 @@ def record(all_configs: bool):
             yield label, c
 
 
+def resources(compiled) -> str:
+    """Registers and spills per thread, from cuobjdump (bundled with Triton) on the cubin."""
+    import re
+    import subprocess
+    import tempfile
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    spill = re.search(r"STACK:(\d+)", out)
+    return f"{regs.group(1) if regs else '?'} registers, stack {spill.group(1) if spill else '?'} B"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", type=int, default=90)
@@ -129,11 +154,11 @@ def main():
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     for label, (fn, a, kw) in record(args.all_configs):
-        sig, consts, opts = signature(fn, a, kw)
+        sig, consts, attrs, opts = signature(fn, a, kw)
         t = time.time()
         try:
-            compiled = triton.compile(ASTSource(fn, sig, consts), target=target, options=opts)
-            info = f"shared {compiled.metadata.shared / 1024:.0f} KiB"
+            compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=opts)
+            info = f"shared {compiled.metadata.shared / 1024:.0f} KiB, {resources(compiled)}"
             if compiled.metadata.shared > 227 * 1024:
                 info += "  TOO MUCH SHARED MEMORY"
                 failures += 1

@@ -1,8 +1,8 @@
 """Render the pattern pictures of docs/sparse.md from the masks themselves.
 
 For each sparse family, the dense mask of a 128-token self-attention (black: may attend) and, drawn
-over it, the analytic block view for 16 x 16 tiles (8 x 8 for BigBird, its block size) the tiled backend walks (green outline: FULL, no
-per-element test; orange: PARTIAL; none: EMPTY, skipped). Writes ``docs/images/sparse_<name>.png``.
+over it, the analytic block view the tiled backend walks, for 16 x 16 tiles (8 x 8 for BigBird, its
+block size): green outline FULL (no per-element test), orange PARTIAL, none EMPTY (skipped). Writes ``docs/images/sparse_<name>.png``.
 
 Usage::
 
@@ -52,7 +52,8 @@ def draw(title: str, mask: qkv.Mask, path: Path, tile: int = TILE) -> None:
             ax.add_patch(patches.Rectangle((j * tile - 0.5, i * tile - 0.5), tile, tile, fill=False,
                                            edgecolor=color, linewidth=1.2))
     visited = (kinds != EMPTY).float().mean().item()
-    ax.set_title(title.replace("(", "(\n", 1) + f"\ndensity {dense.float().mean():.0%}, tiles visited {visited:.0%}", fontsize=7)
+    summary = f"density {dense.float().mean():.0%}, tiles visited {visited:.0%}"
+    ax.set_title(title.replace("(", "(\n", 1) + "\n" + summary, fontsize=7)
     ax.set_xlabel("key position")
     ax.set_ylabel("query position")
     fig.tight_layout()

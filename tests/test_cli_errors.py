@@ -40,8 +40,8 @@ def no_model_loads(monkeypatch):
     (["explain", "--model", "/nowhere/at/all"], "--model: no such directory: /nowhere/at/all"),
     (["explain", "--backend", "bogus"], "--backend must be one of"),
     (["explain", "--layer", "9"], "--layer must be in [0, 5]"),
-    (["explain", "--head", "12"], "--head must be in [0, 11]"),
-    (["explain", "--layer", "x"], "argument --layer: invalid int value: 'x'"),
+    (["explain", "--head", "0,12"], "--head must be in [0, 11]"),
+    (["explain", "--layer", "x"], "argument --layer: expected an index or a comma-separated list"),
     (["explain", "--table", "wide"], "argument --table: invalid choice"),
     (["explain", "--top-k", "0"], "--top-k must be a positive number"),
     (["explain", "--compare", "a b", "c d"], "--compare needs --word"),
@@ -94,7 +94,7 @@ def test_a_real_process_prints_one_line_and_exits_2():
     """The console script as a user runs it: a mistake argparse finds and one a command finds; one
     process each, both quick (nothing is loaded)."""
     env = {**os.environ, "PYTHONPATH": SRC}
-    for argv, fragment in [(["explain", "--layer", "x"], "qkv explain: error: argument --layer: invalid int value"),
+    for argv, fragment in [(["explain", "--layer", "1,x"], "qkv explain: error: argument --layer: expected an index"),
                            (["generate", "--checkpoint", "/no/where"], "qkv generate: error: --checkpoint")]:
         result = subprocess.run([sys.executable, "-m", "qkv.cli", *argv], capture_output=True, text=True, env=env,
                                 timeout=120)

@@ -52,3 +52,51 @@ def test_sdpa_refuses_a_dense_mask_it_would_have_to_build_beyond_the_limit():
     q = meta(8, 16, 32768, 64)
     report = qkv.explain_dispatch(q, q, q, qkv.sliding_window(128))
     assert any("GiB" in r for r in report.reasons["sdpa"])
+
+
+def test_a_forced_backend_is_checked_alone_and_not_estimated(monkeypatch):
+    asked = []
+    for name, backend in REGISTRY.items():
+        for method in ("unsupported", "estimate"):
+            original = getattr(backend, method)
+            monkeypatch.setattr(backend, method, lambda p, _o=original, _n=name, _m=method: asked.append((_n, _m))
+                                or _o(p))
+    q = torch.randn(1, 2, 8, 16)
+    d = qkv.explain_dispatch(q, q, q, qkv.causal(), backend="tiled")
+    assert d.backend is REGISTRY["tiled"] and d.chosen == "tiled"
+    assert asked == [("tiled", "unsupported")] and all(e is None for e in d.estimates.values())
+
+
+def test_a_function_mask_is_never_evaluated_just_to_estimate():
+    calls = []
+
+    def banded(b, h, q, k):
+        calls.append(1)
+        return (q - k).abs() < 64
+
+    q = meta(1, 4, 8192, 64)
+    d = qkv.explain_dispatch(q, q, q, qkv.from_function(banded))
+    assert calls == [] and d.estimates["tiled"] is not None
+    d = qkv.explain_dispatch(q, q, q, qkv.from_function(banded) & qkv.causal(), backend="tiled")
+    assert calls == []
+
+
+def test_dispatch_returns_the_backend_object_and_capabilities_give_the_reasons():
+    from qkv.backends.capabilities import Capabilities, reasons
+
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    d = choose(make_problem(q, q, q))
+    assert d.backend is REGISTRY[d.chosen]
+    caps = Capabilities(backward=False, dtypes=(torch.float16,), head_dims=(32, 256),
+                        why={"backward": "forward-only kernel"})
+    said = reasons(caps, make_problem(q, q, q))
+    assert said == ["backward: forward-only kernel",
+                    "dtype: not supported (got torch.float32; supported: float16)",
+                    "head_dim: not supported (got 16; supported: 32..256)"]
+    with torch.no_grad():
+        assert not any(r.startswith("backward") for r in reasons(caps, make_problem(q, q, q)))
+    assert reasons(REGISTRY["sdpa"].capabilities, None) == [
+        "score_mod: SDPA has no score modifier hook",
+        "return_lse: SDPA's public API does not return the log-sum-exp",
+        "dropout_p > 0: SDPA draws its own dropout mask, which `generator` cannot reproduce and which "
+        "differs from the other backends'"]

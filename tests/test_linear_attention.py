@@ -72,7 +72,8 @@ def test_performer_equals_the_naive_formulation_of_its_features(causal):
     features = PerformerFeatures(8, 24, seed=3, dtype=F64)
     scale = 0.4
     lengths = [21, 13]
-    mask = qkv.key_padding(lengths) & qkv.causal() if causal else torch.arange(21)[None, None, None, :] < torch.tensor(lengths)[:, None, None, None]
+    key_mask = torch.arange(21)[None, None, None, :] < torch.tensor(lengths)[:, None, None, None]  # (B, 1, 1, Nk)
+    mask = qkv.key_padding(lengths) & qkv.causal() if causal else key_mask
     want = naive(q, k, v, performer_phi(features, scale), causal=causal, lengths=lengths)
     got = performer_attention(q, k, v, mask, features=features, scale=scale, chunk_size=4)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)

@@ -6,7 +6,6 @@ import torch
 from torch import Tensor
 
 from . import fastpath
-from .backends import REGISTRY
 from .backends import reference as _reference
 from .dispatch import choose
 from .problem import Problem, make_problem
@@ -56,7 +55,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
     if problem.is_empty:
         out, lse = _empty_result(problem)
     else:
-        out, lse = REGISTRY[choose(problem, backend, learn=True).chosen].run(problem)
+        out, lse = choose(problem, backend, learn=True).backend.run(problem)
     return (out, lse) if return_lse else out
 
 

@@ -1,23 +1,25 @@
 """Choosing a backend, and saying why.
 
-Every registered backend lists what it cannot do for a problem; among those that can, the one
-with the lowest estimated run time wins. ``backend="name"`` forces a choice and fails with that
-backend's reasons. :func:`explain_dispatch` shows the whole decision.
+Every registered backend lists what it cannot do for a problem (from its declared
+:class:`~qkv.backends.capabilities.Capabilities`); among those that can, the one with the lowest
+estimated run time wins. ``backend="name"`` forces a choice: only that backend is checked (and
+estimated), and it fails with that backend's reasons. :func:`explain_dispatch` shows the decision.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from .backends import REGISTRY
+from .backends import REGISTRY, Backend
 from .problem import Problem, make_problem
 
 
 @dataclass(frozen=True)
 class Dispatch:
-    """The outcome of dispatching one problem: the chosen backend, and for every registered
-    backend its estimated seconds (None where it cannot run) and the reasons it cannot. A forced
-    backend is only checked for support: every estimate is None and ``reasons`` holds it alone.
+    """The outcome of dispatching one problem: the chosen backend (``backend``, the object;
+    ``chosen``, its name) and for every registered backend its estimated seconds (None where it
+    cannot run) and the reasons it cannot. A forced backend is only checked for support: every
+    estimate is None and ``reasons`` holds it alone.
     ``str()`` renders the decision as a table."""
 
     chosen: str
@@ -25,6 +27,7 @@ class Dispatch:
     estimates: dict[str, float | None]
     reasons: dict[str, list[str]]
     problem: Problem
+    backend: Backend = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         how = "forced by backend=" if self.forced else "auto: lowest estimate among supporting backends"
@@ -79,14 +82,14 @@ def choose(problem: Problem, backend: str | None = None, learn: bool = False) ->
             able = [n for n, b in REGISTRY.items() if n != backend and not b.unsupported(problem)]
             raise ValueError(f"backend={backend!r} cannot run this problem: " + "; ".join(own)
                              + f". Backends that can: {', '.join(able)}")
-        return Dispatch(backend, True, {name: None for name in REGISTRY}, {backend: []}, problem)
+        return Dispatch(backend, True, {name: None for name in REGISTRY}, {backend: []}, problem, REGISTRY[backend])
     reasons = {name: b.unsupported(problem) for name, b in REGISTRY.items()}
     estimates = {name: (None if reasons[name] else REGISTRY[name].estimate(problem)) for name in REGISTRY}
     chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
     for b in REGISTRY.values() if learn else ():  # backends that learn from choices (flex's ski rental)
         if hasattr(b, "observe"):
             b.observe(problem, estimates, chosen)
-    return Dispatch(chosen, False, estimates, reasons, problem)
+    return Dispatch(chosen, False, estimates, reasons, problem, REGISTRY[chosen])
 
 
 def explain_dispatch(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,

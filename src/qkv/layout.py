@@ -83,12 +83,16 @@ class KvBlocks:
 
 
 def _tiles_of_kind(kinds: Tensor, kind: int) -> tuple[Tensor, Tensor]:
-    """Count and ascending indices (then the rest) of the tiles of ``kind`` in each row."""
-    nkb = kinds.shape[-1]
-    cols = torch.arange(nkb, device=kinds.device, dtype=torch.int32)
-    key = torch.where(kinds == kind, cols, cols + nkb)  # wanted tiles sort first, each group ascending
-    order = torch.sort(key, dim=-1).values % nkb
-    return (kinds == kind).sum(dim=-1, dtype=torch.int32), order.to(torch.int32)
+    """Count and ascending indices (then the other indices, ascending) of the tiles of ``kind`` in
+    each row: a stable partition by two running counts, ``O(tiles)``, no sort and no host sync."""
+    wanted = kinds == kind
+    cols = torch.arange(kinds.shape[-1], device=kinds.device, dtype=torch.int32)
+    before = wanted.cumsum(-1, dtype=torch.int32)  # wanted tiles up to and including each column
+    count = before[..., -1:]
+    slot = torch.where(wanted, before - 1, count + cols - before)  # the others: after all wanted ones
+    order = torch.empty(kinds.shape, dtype=torch.int32, device=kinds.device)
+    order.scatter_(-1, slot.long(), cols.expand(kinds.shape))
+    return count.squeeze(-1), order
 
 
 #: Split the tiled walk per batch element when that visits at most this fraction of the tiles the

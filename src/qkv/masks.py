@@ -146,6 +146,8 @@ def merge_over_batch_and_heads(kinds: Tensor) -> Tensor:
     return merge_kinds(kinds)
 
 
+
+
 def count_tiles(allowed: Tensor, block_q: int, block_k: int) -> Tensor:
     """Tile kinds of a boolean matrix ``allowed`` of shape ``(..., R, C)``.
 
@@ -233,6 +235,13 @@ class Mask:
         memory per chunk); built-in masks override it with an ``O(tiles)`` analytic version."""
         return evaluate_block_kinds(self, grid, batch, heads)
 
+    @property
+    def analytic_block_view(self) -> bool:
+        """True when :meth:`block_kinds` is computed from tile bounds (``O(tiles)``), False when it
+        would evaluate the mask element by element (``O(Nq * Nk)``): the dispatcher then estimates
+        without it."""
+        return type(self).block_kinds is not Mask.block_kinds
+
     def _bound_copy(self, **fields) -> Mask:
         """A copy of this mask with ``fields`` replaced: how :meth:`bind` specialises a mask to
         one problem (tensors moved to its device, offsets known) without changing the original."""
@@ -306,6 +315,10 @@ class Causal(Mask):
         return "causal()"
 
 
+#: The widest window a mask stores: wider ones (``sliding_window(10**30)``) mean the same.
+WIDEST_WINDOW = 1 << 53
+
+
 class SlidingWindow(Mask):
     """Key ``k`` is visible from query ``q`` iff ``q - left <= k <= q + right``."""
 
@@ -315,7 +328,8 @@ class SlidingWindow(Mask):
                 raise TypeError(f"sliding_window: {name} must be an int, got {type(value).__name__}")
             if value < 0:
                 raise ValueError(f"sliding_window: {name} must be >= 0, got {value}")
-        self.left, self.right = left, right
+        # Wider than any sequence is unbounded; capped so that position arithmetic stays in int64.
+        self.left, self.right = min(left, WIDEST_WINDOW), min(right, WIDEST_WINDOW)
 
     def allowed(self, b, h, q, k):
         return (k >= q - self.left) & (k <= q + self.right)
@@ -333,6 +347,8 @@ class SlidingWindow(Mask):
 
 def _int_vector(name: str, value, *, allow_2d: bool = False) -> Tensor:
     """An int64 tensor from an int, a sequence of ints or an integer tensor."""
+    if not isinstance(value, Tensor) and isinstance(value, (list, tuple)) and len(value) == 0:
+        value = torch.zeros(0, dtype=torch.int64)  # torch.as_tensor([]) would be float32
     t = value if isinstance(value, Tensor) else torch.as_tensor(value)
     if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {t.dtype}")
@@ -411,6 +427,7 @@ class Document(Mask):
             _int_vector("document: q_segment_ids", q_segment_ids, allow_2d=True))
         self.causal = bool(causal)
         self._positions = None
+        self._sorted = None  # are the ids non-decreasing along each row? (found once, see block_kinds)
 
     @staticmethod
     def _as_rows(ids: Tensor) -> Tensor:
@@ -441,6 +458,9 @@ class Document(Mask):
             segment_ids=self.segment_ids.to(device), _positions=pos.to(device),
             q_segment_ids=None if self.q_segment_ids is None else self.q_segment_ids.to(device))
 
+    def _table_versions(self) -> tuple:
+        return tuple(None if t is None else t._version for t in (self.segment_ids, self.q_segment_ids))
+
     def _query_ids(self, b: Tensor, q: Tensor) -> Tensor:
         if self.q_segment_ids is not None:
             if self._positions is None:
@@ -458,9 +478,11 @@ class Document(Mask):
         return same & (k <= q) if self.causal else same
 
     def block_kinds(self, grid, batch, heads):
-        sorted_ids = all(ids is None or bool((ids[:, 1:] >= ids[:, :-1]).all())
-                         for ids in (self.segment_ids, self.q_segment_ids))
-        if not sorted_ids:
+        if self._sorted is None or self._sorted[0] != self._table_versions():
+            sorted_ids = all(ids is None or bool((ids[:, 1:] >= ids[:, :-1]).all())
+                             for ids in (self.segment_ids, self.q_segment_ids))
+            self._sorted = (self._table_versions(), sorted_ids)  # one host sync per table, not per call
+        if not self._sorted[1]:
             return evaluate_block_kinds(self, grid, batch, heads)
         kf, kl = grid.key_bounds()
         if self.q_segment_ids is None:
@@ -636,7 +658,19 @@ class FunctionMask(Mask):
         self.fn, self.name = fn, name or getattr(fn, "__name__", "fn")
 
     def allowed(self, b, h, q, k):
-        return self.fn(b, h, q, k)
+        out = self.fn(b, h, q, k)
+        if not isinstance(out, Tensor) or out.dtype != torch.bool:
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"from_function({self.name}): fn must return a bool tensor (True = may attend), "
+                            f"got {got}; for a float bias pass a float tensor as mask, or use score_mod")
+        shape = torch.broadcast_shapes(b.shape, h.shape, q.shape, k.shape)
+        try:
+            if torch.broadcast_shapes(out.shape, shape) != shape:
+                raise RuntimeError
+        except RuntimeError:
+            raise ValueError(f"from_function({self.name}): fn returned shape {tuple(out.shape)}, which does not "
+                             f"broadcast to the index tensors' shape {tuple(shape)}") from None
+        return out
 
     def __repr__(self):
         return f"from_function({self.name})"
@@ -645,6 +679,10 @@ class FunctionMask(Mask):
 class _Combined(Mask):
     def __init__(self, *parts: Mask):
         self.parts = parts
+
+    @property
+    def analytic_block_view(self) -> bool:
+        return all(p.analytic_block_view for p in self.parts)
 
     def bind(self, batch, heads, nq, nk, device, positions=None):
         return type(self)(*(bind_mask(p, batch, heads, nq, nk, device, positions) for p in self.parts))
@@ -677,6 +715,9 @@ class Or(_Combined):
 
 
 class Not(_Combined):
+    def __invert__(self) -> Mask:
+        return self.parts[0]  # ~~m is m: any number of ~ stays one level deep
+
     def allowed(self, b, h, q, k):
         return ~self.parts[0].allowed(b, h, q, k)
 
@@ -702,11 +743,14 @@ class PrefixLM(Mask):
         return self._bound_copy(prefix_len=self.prefix_len.to(device))
 
     def allowed(self, b, h, q, k):
-        return _in_key_prefix(self.prefix_len, b, k) | (k <= q)
+        # Queries at negative positions (Nq > Nk) see nothing, the prefix included.
+        return (_in_key_prefix(self.prefix_len, b, k) & (q >= 0)) | (k <= q)
 
     def block_kinds(self, grid, batch, heads):
         prefix = _key_prefix_kinds(self.prefix_len.to(grid.device), grid)
-        return torch.maximum(prefix, Causal().block_kinds(grid, batch, heads))
+        qf, ql = grid.query_bounds()
+        real_queries = tile_kinds(ql < 0, qf >= 0)  # (B|1, 1, nQB, 1): tiles of negative positions
+        return torch.maximum(torch.minimum(prefix, real_queries), Causal().block_kinds(grid, batch, heads))
 
     def __repr__(self):
         return f"prefix_lm({self.prefix_len.tolist()})"
@@ -725,7 +769,8 @@ def causal() -> Mask:
 
 def sliding_window(left: int, right: int = 0) -> Mask:
     """Local attention: query at position ``q`` sees keys ``q - left ..= q + right``.
-    ``sliding_window(w)`` is causal local attention over the current and ``w`` previous tokens."""
+    ``sliding_window(w)`` is causal local attention over the current and ``w`` previous tokens.
+    A side wider than ``2**53`` positions is stored as ``2**53`` (the same, for any sequence)."""
     return SlidingWindow(left, right)
 
 
@@ -745,7 +790,9 @@ def prefix_lm(prefix_len) -> Mask:
 
 
 def global_tokens(indices: Sequence[int] | Tensor) -> Mask:
-    """Tokens at ``indices`` (positions) see everything and are seen by everything."""
+    """Tokens at ``indices`` (positions) see everything and are seen by everything.
+    ``global_tokens([])`` marks no token: alone it hides everything, and ``m | global_tokens([])``
+    is ``m``."""
     return GlobalTokens(indices)
 
 

@@ -6,9 +6,10 @@ Each *method* is one way to attend ``(B, H, N, D)`` self-attention: exact and ma
 ``bigbird``: both ``O(N)``), and approximate (``linear``: ``elu + 1``, ``linear_causal``, ``performer``).
 
 Every method runs in a subprocess of its own (``python -m qkv.scaling``), over increasing ``N``:
-peak memory is the rise of the process's resident set during a call (``VmHWM``, reset through
-``/proc/self/clear_refs`` before each call; glibc returns large blocks to the system at once because
-the worker sets ``MALLOC_MMAP_THRESHOLD_``), so one method's buffers never count for another.
+peak memory is the rise of the process's resident set during one call (``VmHWM``, reset through
+``/proc/self/clear_refs``; for that call glibc maps every block of 64 KiB or more on its own, so
+freed memory leaves the resident set at once), so one method's buffers never count for another;
+the timed runs that follow use the allocator as usual.
 Then :func:`fit_slope` fits ``log t = a + s log N`` over the long lengths and :func:`crossovers`
 finds where one method becomes cheaper than another.
 """
@@ -94,10 +95,40 @@ def _reset_peak() -> bool:
         return False
 
 
+class _Malloc:
+    """glibc's allocator settings (no-ops elsewhere). For the memory run every block of 64 KiB or
+    more is mapped and unmapped on its own, so the resident set rises and falls with the tensors;
+    for the timed runs freed memory is kept for reuse, as in a normal long-running process."""
+
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+    def __init__(self):
+        try:
+            import ctypes
+
+            self.libc = ctypes.CDLL("libc.so.6")
+        except OSError:
+            self.libc = None
+
+    def exact_footprint(self) -> None:
+        if self.libc:
+            self.libc.mallopt(self.M_MMAP_THRESHOLD, 64 << 10)
+            self.libc.malloc_trim(0)
+
+    def reuse(self) -> None:
+        if self.libc:
+            self.libc.mallopt(self.M_MMAP_THRESHOLD, 32 << 20)  # glibc's own ceiling for its dynamic threshold
+            self.libc.mallopt(self.M_TRIM_THRESHOLD, 256 << 20)
+
+
+_MALLOC = _Malloc()
+
+
 def measure(call: Callable[[], object], *, device: str, budget_s: float, repeat: int,
             min_total_s: float = 0.5, max_runs: int = 30) -> dict:
-    """Peak memory of one call of ``call``, then its best time over at least ``repeat`` runs (more
-    while the runs so far took under ``min_total_s``, at most ``max_runs``), within ``budget_s``.
+    """Peak memory of one call of ``call``, then its best time over at least ``repeat`` further
+    runs (more while they took under ``min_total_s`` in all, at most ``max_runs``), stopping early
+    once the runs would exceed ``budget_s``.
 
     Two clocks: ``seconds`` (wall) and, on CPU, ``cpu_seconds`` (CPU time of this process, all its
     threads): on a shared machine a process waiting for a core accrues wall time but no CPU time,
@@ -111,25 +142,32 @@ def measure(call: Callable[[], object], *, device: str, budget_s: float, repeat:
         w0, c0 = time.perf_counter(), time.process_time()
         call()
         sync()
-        walls.append(time.perf_counter() - w0)
-        cpus.append(time.process_time() - c0)
+        return time.perf_counter() - w0, time.process_time() - c0
 
     with torch.no_grad():
         if cuda:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
+            _MALLOC.exact_footprint()
             _reset_peak()
             base = (_status_kib("VmRSS") or 0) * 1024
-        timed()
+        first_wall, first_cpu = timed()
         if cuda:
             peak = torch.cuda.max_memory_allocated() - base
         else:
             hwm = _status_kib("VmHWM")
             peak = None if hwm is None else hwm * 1024 - base
-        while len(walls) < max_runs and sum(walls) + min(walls) < budget_s and (
+            _MALLOC.reuse()
+        while len(walls) < max_runs and (not walls or sum(walls) + min(walls) < budget_s) and (
                 len(walls) < repeat or sum(walls) < min_total_s):
-            timed()
+            if not walls and first_wall > budget_s:
+                break  # one run is all the budget allows: the memory run's times stand
+            wall, cpu = timed()
+            walls.append(wall)
+            cpus.append(cpu)
+    if not walls:
+        walls, cpus = [first_wall], [first_cpu]
     row = {"seconds": min(walls), "runs": len(walls), "peak_bytes": peak}
     if not cuda:
         row["cpu_seconds"] = min(cpus)
@@ -143,43 +181,50 @@ def time_key(rows: list[dict]) -> str:
 
 
 def sweep(method: str, seqs, *, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device: str,
-          repeat: int, max_seconds: float, max_dense_bytes: int) -> Iterator[dict]:
+          repeat: int, max_seconds: float, max_dense_bytes: int, min_total_s: float = 0.5) -> Iterator[dict]:
     """Measure ``method`` at each length in ``seqs`` (ascending), stopping once the next point is
     predicted (from the last two) to take longer than ``max_seconds``."""
+    # Warm-up: first-call costs stay out of the figures.
     measure(attention_call(method, 256, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device),
-            device=device, budget_s=1.0, repeat=1)  # warm-up: first-call costs stay out of the figures
+            device=device, budget_s=1.0, repeat=1, min_total_s=0.0)
     done: list[dict] = []
     for n in seqs:
         element = torch.finfo(dtype).bits // 8
         if method == "dense" and dense_bytes(n, batch, heads, element) > max_dense_bytes:
             yield {"method": method, "n": n, "skipped": "materialised scores exceed --max-dense-gib"}
             continue
-        if len(done) >= 2:
-            (n0, t0), (n1, t1) = [(d["n"], d["seconds"]) for d in done[-2:]]
-            slope = max(1.0, math.log(t1 / t0) / math.log(n1 / n0)) if t1 > t0 else 1.0
-            predicted = t1 * (n / n1) ** slope
+        if len(done) >= 2:  # grow the last wall time by the slope of the work (CPU time where known)
+            clock = "cpu_seconds" if "cpu_seconds" in done[-1] else "seconds"
+            (n0, t0), (n1, t1) = [(d["n"], d[clock]) for d in done[-2:]]
+            slope = max(1.0, math.log(t1 / t0) / math.log(n1 / n0)) if t0 > 0 and t1 > t0 else 1.0
+            predicted = done[-1]["seconds"] * (n / n1) ** slope
             if predicted > max_seconds:
                 yield {"method": method, "n": n, "skipped": f"predicted {predicted:.0f} s > --max-seconds"}
                 continue
         call = attention_call(method, n, batch=batch, heads=heads, head_dim=head_dim, dtype=dtype, device=device)
-        row = {"method": method, "n": n, **measure(call, device=device, budget_s=max_seconds / 4, repeat=repeat)}
+        row = {"method": method, "n": n, **measure(call, device=device, budget_s=max_seconds / 4, repeat=repeat,
+                                                   min_total_s=min_total_s)}
         del call
         done.append(row)
         yield row
 
 
 def fit_slope(ns: list[int], values: list[float], *, min_n: int = 4096) -> float | None:
-    """Least-squares slope of ``log value`` against ``log N`` over the points with ``N >= min_n``
-    (or the last three, if fewer qualify); None with fewer than two points."""
-    pts = [(n, v) for n, v in zip(ns, values) if v and v > 0]
+    """Slope of ``log value`` against ``log N`` over the points with ``N >= min_n`` (or the last
+    three, if fewer qualify): the median of the slopes between every two points (Theil-Sen), so
+    one run disturbed by other load on a shared machine does not tilt the line. None with fewer
+    than two points."""
+    pts = sorted((n, v) for n, v in zip(ns, values) if v and v > 0)
     long = [p for p in pts if p[0] >= min_n]
     pts = long if len(long) >= 3 else pts[-3:]
     if len(pts) < 2:
         return None
-    xs, ys = [math.log(n) for n, _ in pts], [math.log(v) for _, v in pts]
-    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
-    var = sum((x - mx) ** 2 for x in xs)
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / var if var else None
+    slopes = sorted((math.log(v1 / v0)) / math.log(n1 / n0)
+                    for i, (n0, v0) in enumerate(pts) for n1, v1 in pts[i + 1:] if n1 != n0)
+    if not slopes:
+        return None
+    mid = len(slopes) // 2
+    return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
 
 
 def _log_interp(ns, values, n):
@@ -247,8 +292,8 @@ def _worker(argv: list[str]) -> int:
 
 
 def worker_environment() -> dict:
-    """Environment of a worker process: large blocks go straight back to the system when freed."""
-    return {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    """Environment of a worker process (this one's, so that it imports the same qkv)."""
+    return dict(os.environ)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,14 @@ class ScoreMod:
         self.constants = (bool(constant),) * len(self.tensors)
 
     def apply(self, tensors, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
-        return self.fn(score, b, h, q, k, *tensors)
+        out = self.fn(score, b, h, q, k, *tensors)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            got = f"a {out.dtype} tensor" if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"score_mod {self.name}: must return the modified scores as a floating tensor, got {got}")
+        if out.shape != score.shape:
+            raise ValueError(f"score_mod {self.name}: must return scores of the shape it was given, "
+                             f"{tuple(score.shape)}, got {tuple(out.shape)}")
+        return out
 
     def __call__(self, score, b, h, q, k):
         return self.apply(self.tensors, score, b, h, q, k)

@@ -7,6 +7,7 @@ estimates its run time, and runs. :mod:`qkv.dispatch` picks among the registered
 from __future__ import annotations
 
 from .base import Backend
+from .capabilities import Capabilities, reasons
 from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
@@ -24,5 +25,5 @@ def register(backend: Backend) -> None:
 for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), TritonBackend(), FlexBackend()):
     register(_backend)
 
-__all__ = ["Backend", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes", "SdpaBackend", "TritonBackend",
-           "FlexBackend"]
+__all__ = ["Backend", "Capabilities", "reasons", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes",
+           "SdpaBackend", "TritonBackend", "FlexBackend"]

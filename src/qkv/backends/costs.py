@@ -1,7 +1,8 @@
 """Rough run-time estimates, used only to rank backends for the dispatcher.
 
-Each backend's time is modelled per attention *score* (one query-key pair of one head), as a fixed
-element-wise part plus a part proportional to ``D + Dv`` (the two matmuls), with extra terms for a
+Each backend owns its estimate (its ``estimate`` method); this module holds only the shared
+per-device rates. Each backend's time is modelled per attention *score* (one query-key pair of
+one head), as a fixed element-wise part plus a part proportional to ``D + Dv`` (the two matmuls), with extra terms for a
 mask that must be materialised, partial tiles that need an element-wise mask, and a fixed cost per
 Python-level step. The constants were fitted on the machines named below with
 ``benchmarks/attention_speed.py``; they need only rank backends, not predict absolute times.
@@ -11,9 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-from ..masks import EMPTY, PARTIAL
 from ..problem import Problem
 
 
@@ -45,74 +43,25 @@ class Rates:
 RATES = {
     "cpu": Rates(sdpa_score=0.3e-9, sdpa_score_per_dim=0.0083e-9, sdpa_causal_fraction=0.57,
                  sdpa_mask_slowdown=1.5, mask_element=0.8e-9, tiled_score=0.6e-9,
-                 tiled_score_per_dim=0.0102e-9, tiled_partial_score=3e-9, tiled_bias_score=1.0e-9, tiled_step=1.2e-4,
-                 reference_score=10e-9, sdpa_backward=2.6, tiled_backward=3.3),
+                 tiled_score_per_dim=0.0102e-9, tiled_partial_score=3e-9, tiled_bias_score=1.0e-9,
+                 tiled_step=1.2e-4, reference_score=10e-9, sdpa_backward=2.6, tiled_backward=3.3),
     "cuda": Rates(sdpa_score=2e-13, sdpa_score_per_dim=2e-15, sdpa_causal_fraction=0.55,
                   sdpa_mask_slowdown=2.0, mask_element=5e-13, tiled_score=2e-12, tiled_score_per_dim=4e-15,
-                  tiled_partial_score=2e-12, tiled_bias_score=2e-12, tiled_step=2e-4, reference_score=5e-12, sdpa_backward=2.5,
-                  tiled_backward=3.0),
+                  tiled_partial_score=2e-12, tiled_bias_score=2e-12, tiled_step=2e-4, reference_score=5e-12,
+                  sdpa_backward=2.5, tiled_backward=3.0),
 }
 
 
-def _rates(problem: Problem) -> Rates:
+def rates(problem: Problem) -> Rates:
+    """The rates of the problem's device type (CPU rates for devices not fitted)."""
     return RATES.get(problem.device.type, RATES["cpu"])
 
 
-def _heads(problem: Problem) -> int:
-    return problem.batch * problem.q_heads
-
-
-def _dims(problem: Problem) -> int:
-    return problem.head_dim + problem.v_dim
-
-
-def _with_backward(problem: Problem, forward: float, ratio: float) -> float:
+def with_backward(problem: Problem, forward: float, ratio: float) -> float:
+    """``forward`` plus the backward pass (``ratio`` times the forward) when gradients are needed."""
     return forward * (1.0 + ratio) if problem.requires_grad else forward
-
-
-def sdpa(problem: Problem) -> float:
-    from .sdpa import dense_mask_bytes, uses_is_causal
-
-    r = _rates(problem)
-    scores = problem.nq * problem.nk * _heads(problem)
-    t = scores * (r.sdpa_score + r.sdpa_score_per_dim * _dims(problem))
-    if uses_is_causal(problem):
-        t *= r.sdpa_causal_fraction
-    mask_bytes = dense_mask_bytes(problem)
-    if mask_bytes:
-        t = t * r.sdpa_mask_slowdown + problem.batch * problem.nq * problem.nk * r.mask_element
-    return _with_backward(problem, t, r.sdpa_backward)
 
 
 #: Below this many scores per head, the tiled estimate assumes every tile is visited: small
 #: problems never favour tiling, and computing a block view costs more than it could save.
 SMALL_PROBLEM_SCORES = 1 << 18
-
-
-def tiled(problem: Problem, sizes) -> float:
-    r = _rates(problem)
-    if problem.mask is None or problem.nq * problem.nk <= SMALL_PROBLEM_SCORES:
-        visited, partial = problem.nq * problem.nk * _heads(problem), 0
-        q_tiles, k_tiles = -(-problem.nq // sizes.block_q), -(-problem.nk // sizes.block_k)
-        steps = q_tiles * -(-k_tiles * sizes.block_k // sizes.max_run)
-    else:
-        kinds = problem.block_kinds(sizes.block_q, sizes.block_k)
-        rows = torch.clamp(problem.nq - torch.arange(kinds.shape[0]) * sizes.block_q, max=sizes.block_q)
-        cols = torch.clamp(problem.nk - torch.arange(kinds.shape[1]) * sizes.block_k, max=sizes.block_k)
-        tile_scores = rows[:, None] * cols[None, :] * _heads(problem)
-        visited = int(tile_scores[kinds != EMPTY].sum())
-        partial = int(tile_scores[kinds == PARTIAL].sum())
-        # A run starts wherever a non-empty tile differs in kind from its left neighbour.
-        changes = kinds[:, 1:] != kinds[:, :-1]
-        starts = int((kinds[:, 0] != EMPTY).sum()) + int((changes & (kinds[:, 1:] != EMPTY)).sum())
-        steps = max(starts, int((kinds != EMPTY).sum()) * sizes.block_k // sizes.max_run)
-    bias = r.tiled_bias_score if problem.bias is not None else 0.0
-    t = (visited * (r.tiled_score + r.tiled_score_per_dim * _dims(problem) + bias)
-         + partial * r.tiled_partial_score + steps * r.tiled_step)
-    return _with_backward(problem, t, r.tiled_backward)
-
-
-def reference(problem: Problem) -> float:
-    r = _rates(problem)
-    t = problem.nq * problem.nk * _heads(problem) * r.reference_score * _dims(problem) / 128
-    return _with_backward(problem, t, r.tiled_backward)

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from ..masks import Causal
 from ..problem import Problem
 from . import costs
+from .capabilities import Capabilities, reasons
 
 #: Largest mask this backend will materialise for SDPA, in bytes.
 MAX_DENSE_MASK_BYTES = 2 << 30
@@ -53,26 +54,33 @@ def dense_mask_bytes(problem: Problem) -> int:
 
 class SdpaBackend:
     name = "sdpa"
+    capabilities = Capabilities(
+        devices=("cpu", "cuda", "xpu", "mps", "hpu"), score_mod=False, lse=False, dropout=False,
+        why={"score_mod": "SDPA has no score modifier hook",
+             "lse": "SDPA's public API does not return the log-sum-exp",
+             "dropout": "SDPA draws its own dropout mask, which `generator` cannot reproduce and which "
+                        "differs from the other backends'",
+             "device": "nothing to run"})
 
     def unsupported(self, problem: Problem) -> list[str]:
-        reasons = []
-        if problem.score_mod is not None:
-            reasons.append("score_mod: SDPA has no score modifier hook")
-        if problem.return_lse:
-            reasons.append("return_lse: SDPA's public API does not return the log-sum-exp")
-        if problem.dropout_p > 0:
-            reasons.append("dropout_p > 0: SDPA draws its own dropout mask, which `generator` cannot "
-                           "reproduce and which differs from the other backends'")
-        if problem.device.type == "meta":
-            reasons.append("meta tensors: nothing to run")
+        out = reasons(self.capabilities, problem)
         mask_bytes = dense_mask_bytes(problem)
         if mask_bytes > MAX_DENSE_MASK_BYTES:
-            reasons.append(f"mask: SDPA needs it materialised, {mask_bytes / 2**30:.1f} GiB for "
-                           f"(B, H, Nq, Nk); the limit is {MAX_DENSE_MASK_BYTES / 2**30:.0f} GiB")
-        return reasons
+            out.append(f"mask: SDPA needs it materialised, {mask_bytes / 2**30:.1f} GiB for "
+                       f"(B, H, Nq, Nk); the limit is {MAX_DENSE_MASK_BYTES / 2**30:.0f} GiB")
+        return out
 
     def estimate(self, problem: Problem) -> float:
-        return costs.sdpa(problem)
+        """Fused kernel time per score (``D + Dv`` dependent), cheaper with ``is_causal``, dearer
+        with a materialised mask (plus building it)."""
+        p = problem
+        r = costs.rates(p)
+        t = p.nq * p.nk * p.batch * p.q_heads * (r.sdpa_score + r.sdpa_score_per_dim * (p.head_dim + p.v_dim))
+        if uses_is_causal(p):
+            t *= r.sdpa_causal_fraction
+        if dense_mask_bytes(p):
+            t = t * r.sdpa_mask_slowdown + p.batch * p.nq * p.nk * r.mask_element
+        return costs.with_backward(p, t, r.sdpa_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, None]:
         p = problem

@@ -322,6 +322,11 @@ class KVCacheBase:
         self.finish(step)
         self._step = None
 
+    def abort(self) -> None:
+        """Give up the step in progress (after a failure): nothing is committed, lengths and cached
+        tokens stay as they were. A :class:`qkv.nn.Decoder` calls this when its forward pass fails."""
+        self._step = None
+
     @property
     def step(self) -> Step:
         if self._step is None:

@@ -17,6 +17,8 @@ protocol as :class:`~qkv.cache.KVCache`. Each layer's keys are gathered from the
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor
 
@@ -56,6 +58,7 @@ class PagedKVCache:
         self._lengths: dict[int, int] = {}
         self._next_id = 0
         self._version = 0  # bumped whenever a block table changes (batches reuse their page index until then)
+        self._open_steps: dict[int, weakref.ref] = {}  # sequence -> the PagedBatch with a step open on it
 
     # -- sequences ----------------------------------------------------------------------------
 
@@ -97,7 +100,9 @@ class PagedKVCache:
         return list(self._tables[seq])
 
     def owners(self, page: int) -> int:
-        """How many sequences hold ``page``."""
+        """How many sequences hold ``page`` (an int in ``[0, num_pages)``)."""
+        if not isinstance(page, int) or isinstance(page, bool) or not 0 <= page < self.num_pages:
+            raise ValueError(f"page must be an int in [0, num_pages={self.num_pages}), got {page!r}")
         return self._owners[page]
 
     @property
@@ -196,6 +201,40 @@ class PagedBatch(KVCacheBase):
         """``(B,)`` tokens held per sequence (int64, CPU)."""
         return torch.tensor([self.pool.length(s) for s in self.seqs], dtype=torch.int64)
 
+    def begin_step(self, num_tokens: int, counts=None, *, checked: bool = False) -> Step:
+        """:meth:`KVCacheBase.begin_step`, refused (``RuntimeError``, nothing changed) while another
+        batch has a step open on one of these sequences: both would write the same slots."""
+        self._claim()
+        try:
+            return super().begin_step(num_tokens, counts, checked=checked)
+        except BaseException:
+            self._release()
+            raise
+
+    def abort(self) -> None:
+        super().abort()
+        self._release()
+
+    def _claim(self) -> None:
+        open_steps = self.pool._open_steps
+        for seq in self.seqs:
+            ref = open_steps.get(seq)
+            other = None if ref is None else ref()
+            if other is not None and other is not self and other._step is not None:
+                raise RuntimeError(f"sequence {seq} has a step open in another batch (seqs {other.seqs}): commit "
+                                   "it, or call abort() on it, before starting another step on that sequence (two open "
+                                   "steps would write the same slots). Nothing was changed")
+        me = weakref.ref(self)
+        for seq in self.seqs:
+            open_steps[seq] = me
+
+    def _release(self) -> None:
+        open_steps = self.pool._open_steps
+        for seq in self.seqs:
+            ref = open_steps.get(seq)
+            if ref is not None and ref() is self:
+                del open_steps[seq]
+
     def uniform_length(self) -> int | None:
         lengths = self.pool._lengths
         try:
@@ -261,6 +300,7 @@ class PagedBatch(KVCacheBase):
         else:
             for seq, count in zip(self.seqs, step.counts.tolist()):
                 lengths[seq] += count
+        self._release()
 
     def __repr__(self):
         return f"PagedBatch(seqs={self.seqs}, lengths={self.lengths.tolist()})"

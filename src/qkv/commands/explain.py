@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .usage import UsageError, backend_name, existing_dir, existing_file, indices, positive
+from .usage import UsageError, backend_name, existing_dir, existing_file, index_list, indices, positive
 
 DEFAULT_TEXT = "The cat sat on the mat"
 #: Texts longer than this many tokens get the compact head view (top-k weights, one byte each).
@@ -38,8 +38,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--truncate", action="store_true",
                         help="explain the first 512 tokens of a longer text (default: refuse a text over the "
                              "model's limit)")
-    parser.add_argument("--layer", type=int, nargs="+", metavar="L", help="only these layers, 0-based (default: all)")
-    parser.add_argument("--head", type=int, nargs="+", metavar="H", help="only these heads, 0-based (default: all)")
+    parser.add_argument("--layer", type=index_list, metavar="L[,L...]",
+                        help="only these layers, 0-based, e.g. 2 or 0,2,5 (default: all)")
+    parser.add_argument("--head", type=index_list, metavar="H[,H...]",
+                        help="only these heads, 0-based, e.g. 8 or 0,8 (default: all)")
     parser.add_argument("--table", choices=("summary", "full", "none"), default="summary",
                         help="summary: one line per head; full: every token's most-attended keys; none")
     parser.add_argument("--out", default="out/explain", help="directory for attention.png and head_view.html")

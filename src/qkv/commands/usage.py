@@ -98,6 +98,15 @@ def backend_name(option: str, name: str | None) -> str | None:
     return name
 
 
+def index_list(text: str) -> list[int]:
+    """An argparse ``type``: ``"2"`` or ``"0,2,5"`` -> ``[2]`` or ``[0, 2, 5]``."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        message = f"expected an index or a comma-separated list such as 0,5, got {text!r}"
+    raise argparse.ArgumentTypeError(message)
+
+
 def indices(option: str, values: list[int] | None, size: int, what: str) -> list[int]:
     """``values`` (None: all of ``range(size)``) if each lies in ``[0, size)``, duplicates dropped."""
     if values is None:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from .. import masks
 from ..nn import TransformerBlock
 from ..validate import positive_int
-from .bert_weights import load_bert_weights
+from .bert_weights import check_sizes, load_bert_weights
 from .checkpoint import Checkpoint
 from .config import BertConfig
 from .pooling import Pooling, read_pooling
@@ -128,6 +128,7 @@ class BertModel(nn.Module):
             raise FileNotFoundError(f"{directory}: checkpoint directory not found")
         config = BertConfig.from_file(directory / "config.json")
         checkpoint = Checkpoint(directory)
+        check_sizes(config, checkpoint, directory / "config.json")  # before allocating anything
         model = cls(config, backend=backend)
         load_bert_weights(model, checkpoint)
         model.to(device=device, dtype=dtype).eval()
@@ -225,10 +226,15 @@ def _layer_with_weights(layer: TransformerBlock, x: Tensor, mask, backend: str |
     residual and its weights are returned (calling the block and, separately, its attention for
     the weights would compute the attention twice).
     """
-    out, weights = layer.attn(x, mask=mask, need_weights=True, average_attn_weights=False, backend=backend)
-    drop = layer.dropout if layer.dropout is not None else (lambda h: h)  # no module at p = 0
-    x = layer.attn_norm(x + drop(out))
-    return layer.mlp_norm(x + drop(layer.mlp(x))), weights
+    kept = {}
+
+    def attend(h: Tensor) -> Tensor:
+        out, kept["weights"] = layer.attn(h, mask=mask, need_weights=True, average_attn_weights=False,
+                                          backend=backend)
+        return out
+
+    x = layer._residual(x, layer.attn_norm, attend)  # the block's own residual: same norms and dropout
+    return layer._residual(x, layer.mlp_norm, layer.mlp), kept["weights"]
 
 
 def _check_shape(name: str, t, shape: torch.Size) -> None:

@@ -104,3 +104,34 @@ def load_bert_weights(model: nn.Module, checkpoint: Checkpoint) -> None:
                                   "architecture, than the config says?)", file=checkpoint.file_of(stored),
                                   tensor=stored)
     model.load_state_dict(state, strict=True)
+
+
+def check_sizes(config, checkpoint: Checkpoint, config_file) -> None:
+    """Compare the sizes in ``config.json`` with the weight files' headers, before the model is
+    built: a config that claims 20,000 layers or a vocabulary of 10**9 fails here, naming the
+    field, instead of allocating gigabytes first. Reads only headers (shapes and names)."""
+    prefix = find_prefix(checkpoint)
+    expected = {  # tensor -> the config fields its shape must equal
+        "embeddings.word_embeddings.weight": ("vocab_size", "hidden_size"),
+        "embeddings.position_embeddings.weight": ("max_position_embeddings", "hidden_size"),
+        "embeddings.token_type_embeddings.weight": ("type_vocab_size", "hidden_size"),
+        "encoder.layer.0.intermediate.dense.weight": ("intermediate_size", "hidden_size"),
+    }
+    for name, fields in expected.items():
+        stored = prefix + name
+        if stored not in checkpoint:
+            continue  # load_bert_weights names what is missing
+        shape = checkpoint.shape(stored)
+        needed = tuple(getattr(config, field) for field in fields)
+        if shape != needed:
+            wrong = [f for f, got, want in zip(fields, shape, needed) if got != want] or list(fields)
+            claims = ", ".join(f"{f}={getattr(config, f)}" for f in wrong)
+            raise CheckpointError(f"has shape {shape}, but {config_file} ({claims}) needs {needed}; checked "
+                                  "before building the model", file=checkpoint.file_of(stored), tensor=stored)
+    layer_prefix = prefix + "encoder.layer."
+    layers = {name[len(layer_prefix):].split(".", 1)[0] for name in checkpoint.names()
+              if name.startswith(layer_prefix)}
+    count = len({n for n in layers if n.isdigit()})
+    if count < config.num_hidden_layers:  # fewer in config.json: the unexpected tensors are named on loading
+        raise CheckpointError(f"field 'num_hidden_layers' is {config.num_hidden_layers}, but "
+                              f"{checkpoint.weights_file} stores {count} layers", file=config_file)

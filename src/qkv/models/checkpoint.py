@@ -57,16 +57,28 @@ class Checkpoint:
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointError("has no 'weight_map' from tensor names to shard files", file=index_path)
         for shard in sorted(set(weight_map.values())):
-            path = self.directory / shard
+            path = self._shard_path(shard, index_path)
             if not path.is_file():
                 first = next(name for name, file in weight_map.items() if file == shard)
                 raise FileNotFoundError(f"{path}: shard not found (listed in {index_path} for tensor {first!r})")
             self._readers[path] = _SafetensorsReader(path) if path.suffix == ".safetensors" else _TorchReader(path)
         for name, shard in weight_map.items():
-            path = self.directory / shard
+            path = self._shard_path(shard, index_path)
             if name not in self._readers[path].names():
                 raise CheckpointError(f"is missing; {index_path.name} says it is stored here", file=path, tensor=name)
             self._file_of[name] = path
+
+    def _shard_path(self, shard, index_path: Path) -> Path:
+        """``shard`` (a file name from the index) inside the checkpoint directory; anything that
+        would leave it (an absolute path, ``..``, a link pointing out) is refused."""
+        if not isinstance(shard, str) or not shard:
+            raise CheckpointError(f"weight_map entries must be shard file names, got {shard!r}", file=index_path)
+        path = self.directory / shard
+        root = self.directory.resolve()
+        if Path(shard).is_absolute() or ".." in Path(shard).parts or not path.resolve().is_relative_to(root):
+            raise CheckpointError(f"weight_map names {shard!r}, which is outside the checkpoint directory "
+                                  f"{self.directory}; shards must lie inside it", file=index_path)
+        return path
 
     def names(self) -> list[str]:
         """All stored tensor names."""

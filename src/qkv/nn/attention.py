@@ -191,12 +191,17 @@ class MultiHeadAttention(nn.Module):
         return out, weights.mean(dim=1) if average_attn_weights else weights
 
     def _check_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> None:
-        for name, t, width in (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim)):
+        same = key is query and value is query and self.kdim == self.vdim == self.embed_dim  # self-attention
+        checks = (("query", query, self.embed_dim),) if same else \
+            (("query", query, self.embed_dim), ("key", key, self.kdim), ("value", value, self.vdim))
+        for name, t, width in checks:
             if not isinstance(t, Tensor) or not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating torch.Tensor, got "
                                 f"{t.dtype if isinstance(t, Tensor) else type(t).__name__}")
             if t.dim() != 3 or t.shape[-1] != width:
                 raise ValueError(f"{name} must have shape (batch, seq, {width}), got {tuple(t.shape)}")
+        if same:
+            return
         if not query.shape[0] == key.shape[0] == value.shape[0]:
             raise ValueError(f"query, key and value must share the batch size, got "
                              f"{query.shape[0]}, {key.shape[0]}, {value.shape[0]}")

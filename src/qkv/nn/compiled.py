@@ -27,18 +27,18 @@ from .positional import LearnedPositionalEmbedding, Rotation, SinusoidalEmbeddin
 
 class StaticCacheLayer:
     """One layer of a :class:`~qkv.cache.KVCache` as a fixed-shape step sees it: the interface
-    :class:`~qkv.nn.MultiHeadAttention` uses (``update``, ``remap_score_mod``)."""
+    :class:`~qkv.nn.MultiHeadAttention` uses (``update``, ``remap_score_mod``). Made afresh inside
+    each step (no state outlives it, so a compiled step has no Python side effects to replay)."""
 
-    def __init__(self, step: DecodeStep, index: int):
-        self.step, self.index = step, index
+    def __init__(self, keys: Tensor, values: Tensor, write_index: Tensor, key_mask: Tensor):
+        self.keys, self.values, self.write_index, self.key_mask = keys, values, write_index, key_mask
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write ``k, v (B, Hkv, 1, D)`` at each row's position; return all ``capacity`` keys and
         values and the key mask ``(B, 1, 1, capacity)``."""
-        keys, values = self.step.k[self.index], self.step.v[self.index]
-        keys.scatter_(2, self.step.write_index, k)
-        values.scatter_(2, self.step.write_index, v)
-        return keys, values, self.step.key_mask
+        self.keys.scatter_(2, self.write_index, k)
+        self.values.scatter_(2, self.write_index, v)
+        return self.keys, self.values, self.key_mask
 
     def remap_score_mod(self, score_mod):
         return score_mod  # a DecodeStep is built only for models without score modifiers
@@ -82,7 +82,6 @@ class DecodeStep:
         self.model, self.cache = model, cache
         self.k, self.v = cache.k, cache.v
         self.capacity = cache.capacity
-        self.layers = [StaticCacheLayer(self, i) for i in range(len(model.blocks))]
         emb = model.position_embedding
         if isinstance(emb, LearnedPositionalEmbedding) and self.capacity > emb.max_positions:
             raise ValueError(f"cache: capacity {self.capacity} exceeds the learned position table "
@@ -103,12 +102,12 @@ class DecodeStep:
             x = x + emb(column, dtype=x.dtype)
         rope = None
         if model.rope is not None:
-            cos, sin = model.rope.table(self.capacity, x.dtype, x.device)
-            rope = Rotation(cos[column], sin[column], model.rope.interleaved)
-        self.key_mask = (self.slots <= column)[:, None, None, :]  # (B, 1, 1, capacity)
-        self.write_index = positions.view(batch, 1, 1, 1).expand(batch, self.cache.num_kv_heads, 1,
-                                                                self.cache.head_dim)
-        for block, layer in zip(model.blocks, self.layers):
+            full_cos, signed_sin = model.rope.expanded_table(self.capacity, x.dtype, x.device)
+            rope = Rotation.from_expanded(full_cos[column], signed_sin[column], model.rope.interleaved)
+        key_mask = (self.slots <= column)[:, None, None, :]  # (B, 1, 1, capacity)
+        write_index = positions.view(batch, 1, 1, 1).expand(batch, self.cache.num_kv_heads, 1, self.cache.head_dim)
+        for i, block in enumerate(model.blocks):
+            layer = StaticCacheLayer(self.k[i], self.v[i], write_index, key_mask)
             x = block(x, rope=rope, cache=layer, backend="sdpa")
         return model.lm_head(model.norm(x))
 

@@ -118,8 +118,15 @@ class RotaryEmbedding(nn.Module):
         if cached is None or cached[0].shape[0] < length or cached[0].dtype != dtype or cached[0].device != device:
             size = max(TABLE_MIN, 1 << max(0, length - 1).bit_length())
             theta = self.angles(torch.arange(size, device=device))
-            cached = self._table = (theta.cos().to(dtype), theta.sin().to(dtype))
-        return cached
+            cos, sin = theta.cos().to(dtype), theta.sin().to(dtype)
+            cached = self._table = (cos, sin, *Rotation.expand(cos, sin, self.interleaved))
+        return cached[0], cached[1]
+
+    def expanded_table(self, length: int, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+        """:meth:`table` in the per-dim form a :class:`Rotation` applies (``(L, rotary_dim)``
+        each; see :meth:`Rotation.expand`), kept with it."""
+        self.table(length, dtype, device)
+        return self._table[2], self._table[3]
 
     def rotation(self, positions, num_tokens: int, *, dtype: torch.dtype, device, end: int | None = None) -> Rotation:
         """The :class:`Rotation` of ``num_tokens`` tokens at ``positions`` (None, an int offset, ``(N,)``
@@ -129,8 +136,9 @@ class RotaryEmbedding(nn.Module):
         if positions is None or (isinstance(positions, int) and not isinstance(positions, bool)):
             first = 0 if positions is None else positions
             if 0 <= first and first + num_tokens <= TABLE_LIMIT:
-                cos, sin = self.table(first + num_tokens, dtype, device)
-                return Rotation(cos[first:first + num_tokens], sin[first:first + num_tokens], self.interleaved)
+                full_cos, signed_sin = self.expanded_table(first + num_tokens, dtype, device)  # a step: two slices
+                return Rotation.from_expanded(full_cos[first:first + num_tokens], signed_sin[first:first + num_tokens],
+                                              self.interleaved)
         pos = position_tensor(positions, num_tokens, device)
         if end is None:
             end = int(pos.max()) + 1 if pos.numel() else 0
@@ -138,8 +146,8 @@ class RotaryEmbedding(nn.Module):
         else:
             use_table = end <= TABLE_LIMIT
         if use_table:
-            cos, sin = self.table(end, dtype, device)
-            return Rotation(cos[pos], sin[pos], self.interleaved)
+            full_cos, signed_sin = self.expanded_table(end, dtype, device)
+            return Rotation.from_expanded(full_cos[pos], signed_sin[pos], self.interleaved)
         theta = self.angles(pos)
         return Rotation(theta.cos().to(dtype), theta.sin().to(dtype), self.interleaved)
 
@@ -170,16 +178,28 @@ class Rotation:
     """
 
     def __init__(self, cos: Tensor, sin: Tensor, interleaved: bool = False):
-        if cos.dim() == 2:
-            cos, sin = cos[None], sin[None]
+        self._set(*self.expand(cos, sin, interleaved), interleaved)
+
+    @staticmethod
+    def expand(cos: Tensor, sin: Tensor, interleaved: bool) -> tuple[Tensor, Tensor]:
+        """``cos, sin (..., rotary_dim / 2)`` as the per-dim factors ``(..., rotary_dim)`` of
+        ``x * full_cos + swap(x) * signed_sin``."""
+        if interleaved:  # pairs (x[2i], x[2i+1])
+            return cos.repeat_interleave(2, dim=-1), torch.stack((-sin, sin), dim=-1).flatten(-2)
+        return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)  # pairs (x[i], x[i + rotary_dim/2])
+
+    @classmethod
+    def from_expanded(cls, full_cos: Tensor, signed_sin: Tensor, interleaved: bool = False) -> Rotation:
+        """A rotation from factors :meth:`expand` made (``(N, rotary_dim)`` or ``(B, N, rotary_dim)``)."""
+        rotation = cls.__new__(cls)
+        rotation._set(full_cos, signed_sin, interleaved)
+        return rotation
+
+    def _set(self, full_cos: Tensor, signed_sin: Tensor, interleaved: bool) -> None:
+        if full_cos.dim() == 2:
+            full_cos, signed_sin = full_cos[None], signed_sin[None]
         self.interleaved = bool(interleaved)
-        self.num_tokens, self.rotary_dim = cos.shape[1], 2 * cos.shape[2]
-        if self.interleaved:  # pairs (x[2i], x[2i+1])
-            full_cos = cos.repeat_interleave(2, dim=-1)
-            signed_sin = torch.stack((-sin, sin), dim=-1).flatten(-2)
-        else:  # pairs (x[i], x[i + rotary_dim/2])
-            full_cos = torch.cat((cos, cos), dim=-1)
-            signed_sin = torch.cat((-sin, sin), dim=-1)
+        self.num_tokens, self.rotary_dim = full_cos.shape[1], full_cos.shape[2]
         self.cos, self.sin = full_cos.unsqueeze(1), signed_sin.unsqueeze(1)  # (B|1, 1, N, rotary_dim)
 
     def __call__(self, x: Tensor) -> Tensor:

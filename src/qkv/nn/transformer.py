@@ -294,27 +294,32 @@ class Decoder(nn.Module):
             # Checked here once per step; if the cache does not fit, every layer's update says how.
             step = cache.begin_step(n, lengths, checked=cache.layout() == self.cache_layout())
             positions, rope_positions, end = None, step.rope_positions, step.end
-        x = self.token_embedding(input_ids)
-        if self.position_embedding is not None:
-            if step is not None:
-                positions, counts = step.positions, step.counts
-            padding = None if counts is None else \
-                torch.arange(n, device=x.device) >= counts.to(x.device)[:, None]
-            what = "input_ids" if cache is None else "input_ids (after the tokens already cached)"
-            x = x + _absolute(self.position_embedding, positions, x.dtype, padding=padding, what=what)
-        if self.dropout is not None:
-            x = self.dropout(x)
-        score_mod = self.alibi.score_mod() if self.alibi is not None else None
-        rope = None  # one rotation per step, shared by the queries and keys of every layer
-        if self.rope is not None:
-            rope = self.rope.rotation(rope_positions, n, dtype=x.dtype, device=x.device, end=end)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask=mask, score_mod=score_mod, rope=rope, positions=positions,
-                      cache=None if cache is None else cache.layer(i), memory=memory, memory_mask=memory_mask,
-                      backend=backend)
-        if cache is not None:
-            cache.commit()
-        return self.lm_head(self.norm(x))
+        try:
+            x = self.token_embedding(input_ids)
+            if self.position_embedding is not None:
+                if step is not None:
+                    positions, counts = step.positions, step.counts
+                padding = None if counts is None else \
+                    torch.arange(n, device=x.device) >= counts.to(x.device)[:, None]
+                what = "input_ids" if cache is None else "input_ids (after the tokens already cached)"
+                x = x + _absolute(self.position_embedding, positions, x.dtype, padding=padding, what=what)
+            if self.dropout is not None:
+                x = self.dropout(x)
+            score_mod = self.alibi.score_mod() if self.alibi is not None else None
+            rope = None  # one rotation per step, shared by the queries and keys of every layer
+            if self.rope is not None:
+                rope = self.rope.rotation(rope_positions, n, dtype=x.dtype, device=x.device, end=end)
+            for i, block in enumerate(self.blocks):
+                x = block(x, mask=mask, score_mod=score_mod, rope=rope, positions=positions,
+                          cache=None if cache is None else cache.layer(i), memory=memory, memory_mask=memory_mask,
+                          backend=backend)
+            if cache is not None:
+                cache.commit()
+            return self.lm_head(self.norm(x))
+        except BaseException:
+            if cache is not None:
+                cache.abort()  # the step failed: nothing is committed, and the sequences are free again
+            raise
 
     def generate(self, input_ids: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, eos=None, *, lengths=None, cache=None,

@@ -131,19 +131,19 @@ def _leaf(CODE: tl.constexpr, slot, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos
 @triton.jit
 def _mask_program(MASK_INTS, MASK_DATA, truth, b, h, rows, qpos, kpos,
                   L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr, L4: tl.constexpr):
-    """Evaluate up to five leaves, combine them through the truth table."""
-    idx = (qpos * 0 + kpos * 0).to(tl.int64)
+    """Evaluate up to five leaves, combine them through the truth table (32 bits, int32)."""
+    idx = qpos * 0 + kpos * 0
     if L0 != 0:
-        idx = idx | _leaf(L0, 0, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64)
+        idx = idx | _leaf(L0, 0, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32)
     if L1 != 0:
-        idx = idx | (_leaf(L1, 1, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64) << 1)
+        idx = idx | (_leaf(L1, 1, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32) << 1)
     if L2 != 0:
-        idx = idx | (_leaf(L2, 2, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64) << 2)
+        idx = idx | (_leaf(L2, 2, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32) << 2)
     if L3 != 0:
-        idx = idx | (_leaf(L3, 3, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64) << 3)
+        idx = idx | (_leaf(L3, 3, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32) << 3)
     if L4 != 0:
-        idx = idx | (_leaf(L4, 4, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int64) << 4)
-    return ((truth.to(tl.int64) >> idx) & 1) != 0
+        idx = idx | (_leaf(L4, 4, MASK_INTS, MASK_DATA, b, h, rows, qpos, kpos).to(tl.int32) << 4)
+    return ((truth >> idx) & 1) != 0
 
 
 @triton.jit
@@ -184,7 +184,8 @@ def _scores(qk, scale, b, h, rows, cols, qpos, kpos, Nk, tile_id,
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, kj, K_head, V_head, skn, svn, scale, b, h, bh, rows, qpos, koff, Nk, D: tl.constexpr, Dv: tl.constexpr,
+def _fwd_tile(acc, m_i, l_i, q, kj, K_head, V_head, skn, svn, scale, b, h, bh, rows, qpos, koff, Nk,
+              D: tl.constexpr, Dv: tl.constexpr,
               tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE, table_sh, max_dist,
               seed, threshold, inv_keep,
               PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -287,7 +288,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QOFF, KOFF,
 
 @triton.jit
 def _dq_tile(dq, dslope, dtab, q, do, lse, delta, kj, K_head, V_head, skn, svn, scale, b, h, bh, rows, qpos, koff,
-             Nk, D: tl.constexpr, Dv: tl.constexpr, tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE, table_sh, max_dist,
+             Nk, D: tl.constexpr, Dv: tl.constexpr, tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE,
+             table_sh, max_dist,
              seed, threshold, inv_keep,
              PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              BD: tl.constexpr, BDV: tl.constexpr, WP: tl.constexpr,
@@ -408,8 +410,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QOFF, KOFF, DSLOPE, DTAB,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdom, scale, b, h, bh, cols, kpos,
-               qoff, Nq, Nk, D: tl.constexpr, Dv: tl.constexpr, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE, table_sh,
-               max_dist, seed, threshold, inv_keep,
+               qoff, Nq, Nk, D: tl.constexpr, Dv: tl.constexpr, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth,
+               SLOPES, cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep,
                PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                BD: tl.constexpr, BDV: tl.constexpr,
                MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,

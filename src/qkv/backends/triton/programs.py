@@ -43,7 +43,8 @@ NO_MASK, PROGRAM, BITS = 0, 1, 2
 class MaskProgram:
     """``mode``: :data:`NO_MASK`, :data:`PROGRAM` or :data:`BITS`. For programs: ``codes``
     (``MAX_LEAVES`` leaf codes, 0 = unused), ``ints`` ``(MAX_LEAVES, LEAF_INTS)`` int32 parameters,
-    ``data`` int32 tables the parameters point into (offsets), ``truth`` the truth table."""
+    ``data`` int32 tables the parameters point into (offsets), ``truth`` the truth table (bit
+    ``i`` says whether leaf values ``i`` (bit ``j`` = leaf ``j``) allow; as a signed 32-bit int)."""
 
     mode: int
     codes: tuple[int, ...] = (0,) * MAX_LEAVES
@@ -166,6 +167,8 @@ def mask_program(mask: M.Mask | None, batch: int, nq: int, nk: int, device) -> M
         index = sum(1 << i for i, bit in enumerate(bits) if bit)
         if evaluate(bits):
             truth |= 1 << index
+    if truth >= 1 << 31:  # the kernels read the table as a signed 32-bit integer
+        truth -= 1 << 32
     codes = tuple(code for code, _ in bld.leaves) + (0,) * (MAX_LEAVES - n)
     ints = torch.zeros(MAX_LEAVES, LEAF_INTS, dtype=torch.int32)
     for i, (_, values) in enumerate(bld.leaves):
