@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention called directly")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--reference", action="store_true", help="also time the reference backend")
+    parser.add_argument("--out", help="result file (default: benchmarks/results/attention_speed_<device>[_backward].json)")
     args = parser.parse_args()
     settings = {"batch": 1, "heads": 4, "head_dim": 64, "dtype": "float32", "window": args.window, "documents": 8,
                 "backward": args.backward, "repeat": args.repeat, "device": args.device}
@@ -46,7 +47,7 @@ def main() -> None:
             times = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.times.items() if v is not None)
             print(f"N={seq} {mask}: {times} (auto -> {row.auto_choice})", flush=True)
             suffix = "_backward" if args.backward else ""
-            bench.save(rows, f"benchmarks/results/attention_speed_{args.device}{suffix}.json", settings)
+            bench.save(rows, args.out or f"benchmarks/results/attention_speed_{args.device}{suffix}.json", settings)
     print()
     columns = [c for c in ("tiled", "sdpa", "reference", "flex", "flex_direct", "auto") if any(c in r.times for r in rows)]
     print(bench.format_table(rows, columns))

@@ -35,7 +35,7 @@ def close(got, want, tol, what):
     assert diff.numel() == 0 or diff.max().item() <= tol, f"{what}: max diff {diff.max().item():.3g}"
 
 
-@settings(max_examples=25)
+@settings(max_examples=20)
 @given(case=cases(grad=False), return_lse=st.booleans())
 def test_unfused_flex_matches_reference_on_every_mask_and_score_mod(case, return_lse):
     """All masks and compositions, score mods, bias, GQA, Nq != Nk, Dv != D, empty rows, lse."""
@@ -48,6 +48,22 @@ def test_unfused_flex_matches_reference_on_every_mask_and_score_mod(case, return
         assert got[1].dtype == want[1].dtype
     else:
         close(got, want, 1e-9, f"out [{case.label}]")
+
+
+@settings(max_examples=10)
+@given(case=cases(grad=False, mask_kinds=["causal", "window", "padding", "prefix", "global", "function"]),
+       q_shift=st.integers(-3, 20), k_offset=st.integers(0, 9), per_batch=st.booleans())
+def test_unfused_flex_with_explicit_positions(case, q_shift, k_offset, per_batch):
+    """Explicit q_offset / k_offset (ints or per batch element) reach mask_mod and score_mod."""
+    batch = case.q.shape[0]
+    q_off = k_offset + q_shift
+    if per_batch:
+        q_off, k_offset = torch.arange(batch) + q_off, torch.arange(batch) * 2 + k_offset
+    kw = dict(case.kwargs, q_offset=q_off, k_offset=k_offset, return_lse=True)
+    want = qkv.attention(case.q, case.k, case.v, **kw, backend="reference")
+    got = qkv.attention(case.q, case.k, case.v, **kw, backend="flex_unfused")
+    close(got[0], want[0], 1e-9, f"out [{case.label}]")
+    close(got[1], want[1], 1e-9, f"lse [{case.label}]")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -132,8 +148,8 @@ def test_compiled_flex_on_cpu_matches_and_does_not_recompile():
     for n, batch, window, prefix, docs, lengths in [(200, 2, 16, [5, 40], 3, [0, 150]), (333, 2, 50, [100, 0], 5, [333, 9]),
                                                      (130, 3, 7, [0, 9, 130], 2, [130, 1, 64])]:
         ids = torch.arange(n) * docs // n
-        mask = ((qkv.sliding_window(window) | qkv.prefix_lm(torch.tensor(prefix))) & qkv.document(ids)
-                & qkv.key_padding(torch.tensor(lengths)))
+        mask = ((qkv.sliding_window(window) | qkv.prefix_lm(torch.tensor(prefix)) | qkv.global_tokens([3, n - 9]))
+                & qkv.document(ids) & qkv.key_padding(torch.tensor(lengths)))
         mod = qkv.scores.alibi(torch.rand(4, generator=g))
         q, k, v = (torch.randn(batch, 4, n, 32, generator=g) for _ in range(3))
         got = qkv.attention(q, k[:, :2], v[:, :2], mask, score_mod=mod, backend="flex")

@@ -30,7 +30,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..masks import EMPTY, FULL, PARTIAL, Mask, TileGrid
+from ..layout import KvBlocks
+from ..masks import EMPTY, PARTIAL, GlobalTokens, Mask
+from ..positions import Positions
 from ..problem import Problem
 from ..scores import ScoreMod
 from . import costs
@@ -60,16 +62,8 @@ _AuxRequest = getattr(_flex_module, "AuxRequest", None)  # torch >= 2.9: return_
 def positions(problem: Problem) -> tuple[Tensor, Tensor]:
     """``(q_offset, k_offset)``, each ``(B,)`` int64 on the index device: query row ``i`` of batch
     ``b`` sits at position ``q_offset[b] + i``, key column ``j`` at ``k_offset[b] + j``."""
-    p, dev = problem, problem.index_device
-    q_off = getattr(p, "q_offset", None)
-    k_off = getattr(p, "k_offset", None)
-    if q_off is None:  # today's rule: bottom-right aligned, keys from 0
-        q_off, k_off = p.nk - p.nq, 0
-    vectors = [torch.as_tensor(x, dtype=torch.int64, device=dev).reshape(-1).expand(p.batch).contiguous()
-               for x in (q_off, k_off)]
-    for t in vectors:
-        _dynamic(t)
-    return vectors[0], vectors[1]
+    pos = _tensor_positions(problem.positions, problem.batch, problem.index_device)
+    return pos.q_offset, pos.k_offset
 
 
 def _dynamic(t: Tensor) -> Tensor:
@@ -79,24 +73,54 @@ def _dynamic(t: Tensor) -> Tensor:
     return t
 
 
-def tensorized(mask: Mask, device) -> Mask:
-    """A copy of a bound built-in mask whose int parameters (window sizes, offsets, table sizes)
-    are 0-d tensors: the compiled function reads them instead of baking them in as constants, so
-    changing them does not recompile. User-defined masks are left as they are."""
+class _GlobalFlags(Mask):
+    """:class:`~qkv.masks.GlobalTokens` as Flex can compile it: a flag per position (a table
+    lookup; ``searchsorted`` cannot be lowered into Flex's mask subgraph)."""
+
+    def __init__(self, indices: Tensor, device):
+        size = int(indices.max()) + 2 if indices.numel() else 1  # the last slot: "not global"
+        self.flags = torch.zeros(size, dtype=torch.bool, device=device)
+        self.flags[indices.to(device)] = True
+        self.last = torch.tensor(size - 1, dtype=torch.int64, device=device)
+
+    def _flag(self, pos: Tensor) -> Tensor:
+        return self.flags[torch.where((pos < 0) | (pos > self.last), self.last, pos)]
+
+    def allowed(self, b, h, q, k):
+        return self._flag(q) | self._flag(k)
+
+
+def _tensor_positions(positions: Positions, batch: int, device) -> Positions:
+    offsets = [_dynamic(torch.as_tensor(o, dtype=torch.int64, device=device).reshape(-1).expand(batch).contiguous())
+               for o in (positions.q_offset, positions.k_offset)]
+    return Positions(positions.nq, positions.nk, offsets[0], offsets[1], positions.explicit)
+
+
+def tensorized(mask: Mask, device, batch: int = 1) -> Mask:
+    """A copy of a bound built-in mask whose int parameters (window sizes, offsets, table sizes,
+    its positions) are tensors: the compiled function reads them instead of baking them in as
+    constants, so changing them does not recompile. User-defined masks are left as they are."""
     parts = getattr(mask, "parts", None)
     if parts is not None:
-        return type(mask)(*(tensorized(m, device) for m in parts))
-    if type(mask).__module__ != "qkv.masks":
+        combined = copy.copy(mask)
+        combined.parts = tuple(tensorized(m, device, batch) for m in parts)
+        return combined
+    if isinstance(mask, GlobalTokens):
+        return _GlobalFlags(mask.indices, device)
+    if type(mask).__module__ not in ("qkv.masks", "qkv.sparse_patterns"):
         return mask
-    for value in vars(mask).values():
+    fields = {}
+    for name, value in vars(mask).items():
         if isinstance(value, Tensor):
             _dynamic(value)
-    ints = {name: torch.tensor(value, dtype=torch.int64, device=device) for name, value in vars(mask).items()
-            if isinstance(value, int) and not isinstance(value, bool)}
-    if not ints:
+        elif isinstance(value, Positions):
+            fields[name] = _tensor_positions(value, batch, device)
+        elif isinstance(value, int) and not isinstance(value, bool):
+            fields[name] = torch.tensor(value, dtype=torch.int64, device=device)
+    if not fields:
         return mask
     copied = copy.copy(mask)
-    copied.__dict__.update(ints)
+    copied.__dict__.update(fields)
     return copied
 
 
@@ -104,7 +128,7 @@ def mask_mod(problem: Problem):
     """Flex ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for the problem's mask (None without one)."""
     if problem.mask is None:
         return None
-    mask = tensorized(problem.mask, problem.index_device)
+    mask = tensorized(problem.mask, problem.index_device, problem.batch)
     q_off, k_off = positions(problem)
 
     def qkv_mask(b, h, q_idx, kv_idx):
@@ -140,55 +164,15 @@ def score_mod(problem: Problem):
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class KvBlocks:
-    """The arguments of ``BlockMask.from_kv_blocks``: per query tile, how many partial (full) key
-    tiles it visits and their indices, ascending, then padding. ``(B|1, H|1, nQB[, nKB])`` int32."""
-
-    kv_num_blocks: Tensor
-    kv_indices: Tensor
-    full_kv_num_blocks: Tensor
-    full_kv_indices: Tensor
-
-
-def kv_blocks_from_kinds(kinds: Tensor) -> KvBlocks:
-    """``(B|1, H|1, nQB, nKB)`` tile kinds -> :class:`KvBlocks` (a stable sort puts each kind's
-    tiles first, in ascending order)."""
-    def listing(selected: Tensor) -> tuple[Tensor, Tensor]:
-        order = torch.sort((~selected).to(torch.int8), dim=-1, stable=True).indices
-        return selected.sum(-1, dtype=torch.int32), order.to(torch.int32)
-
-    partial, full = listing(kinds == PARTIAL), listing(kinds == FULL)
-    return KvBlocks(*partial, *full)
-
-
 def tile_kinds(problem: Problem) -> Tensor:
-    """``(B|1, H|1, nQB, nKB)`` int8 tile kinds at Flex's tile size (all FULL without a mask),
-    cached on the problem so that the estimate and the run share them."""
-    layout = getattr(problem, "layout", None)
-    if callable(layout):  # core's cached BlockLayout, once it is there
-        return layout(BLOCK, BLOCK).kinds
-    cached = problem.__dict__.get("_flex_kinds")
-    if cached is None:
-        grid = TileGrid(problem.nq, problem.nk, BLOCK, BLOCK, problem.index_device)
-        if problem.mask is None:
-            cached = torch.full((1, 1, grid.num_q_blocks, grid.num_k_blocks), FULL, dtype=torch.int8,
-                                device=problem.index_device)
-        else:
-            cached = problem.mask.block_kinds(grid, problem.batch, problem.q_heads)
-            while cached.dim() < 4:
-                cached = cached.unsqueeze(0)
-        problem.__dict__["_flex_kinds"] = cached
-    return cached
+    """``(B|1, H|1, nQB, nKB)`` int8 tile kinds at Flex's tile size (core's cached layout)."""
+    return problem.layout(BLOCK, BLOCK).kinds
 
 
 def kv_blocks(problem: Problem) -> KvBlocks:
-    """qkv's block view of the problem's mask as Flex's block lists, per batch and head where it
-    differs."""
-    layout = getattr(problem, "layout", None)
-    if callable(layout):  # core's BlockLayout lists them in this format
-        return layout(BLOCK, BLOCK).kv_blocks()
-    return kv_blocks_from_kinds(tile_kinds(problem))
+    """qkv's block view of the problem's mask as Flex's block lists (``from_kv_blocks``'s
+    arguments), per batch and head where it differs."""
+    return problem.layout(BLOCK, BLOCK).kv_blocks()
 
 
 def block_mask(problem: Problem) -> BlockMask:
@@ -247,6 +231,8 @@ _CODES: list = []
 _READY: set[tuple] = set()
 #: Ski rental: per kind, the seconds other backends spent beyond flex's estimate on auto calls.
 _CREDIT: dict[tuple, float] = {}
+#: Kinds whose first compiled call failed (a mask or score modifier Flex cannot lower), and why.
+_FAILED: dict[tuple, str] = {}
 
 
 def _compiled_for(sig: tuple):
@@ -408,6 +394,10 @@ class FlexBackend:
             reasons.append("backward on CPU: FlexAttention has no CPU backward")
         if p.device.type == "cuda" and p.dtype == torch.float64:
             reasons.append("float64 on CUDA: FlexAttention's Triton kernels take float32/bfloat16/float16")
+        if self.compiled and _FAILED:
+            why = _FAILED.get(signature(p))
+            if why:
+                reasons.append(why)
         if self.compiled and p.device.type == "cpu":
             if p.dtype == torch.float64:
                 reasons.append("float64 on CPU: compiled FlexAttention takes float32/bfloat16/float16")
@@ -466,10 +456,22 @@ class FlexBackend:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
             if p.bias is not None:
                 _dynamic(p.bias)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*flex_attention.*")
-            warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
-            out, lse = call(p.q, p.k, p.v, score_mod(p), block_mask(p), p.scale, p.group > 1, p.return_lse)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*flex_attention.*")
+                warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
+                out, lse = call(p.q, p.k, p.v, score_mod(p), block_mask(p), p.scale, p.group > 1, p.return_lse)
+        except Exception as err:  # noqa: BLE001 - the first compiled call of a kind may fail to lower
+            if not self.compiled or sig in _READY:
+                raise
+            lines = [line for line in str(err).splitlines() if line.strip()]
+            _FAILED[sig] = ("FlexAttention could not compile this kind of problem "
+                            f"({type(err).__name__}: {lines[0][:160] if lines else ''})")
+            warnings.warn(f"qkv flex backend: {_FAILED[sig]}; this call runs on 'tiled', and auto will not "
+                          "pick flex for it again", RuntimeWarning, stacklevel=2)
+            from .tiled import TiledBackend
+
+            return TiledBackend().run(p)
         if self.compiled:
             _READY.add(sig)
         if lse is not None:
@@ -478,4 +480,4 @@ class FlexBackend:
 
 
 __all__ = ["FlexBackend", "BLOCK", "AMORTIZE_CALLS", "compile_count", "block_mask", "mask_mod", "score_mod",
-           "kv_blocks", "kv_blocks_from_kinds", "positions", "tensorized", "signature"]
+           "kv_blocks", "positions", "tensorized", "signature"]
