@@ -8,7 +8,9 @@
 All serve :class:`qkv.nn.MultiHeadAttention` through the step protocol of
 :mod:`qkv.cache.base` (``begin`` / ``layer(i).update`` / ``commit``), which
 :class:`qkv.nn.Decoder` drives. Running out of room raises :class:`CacheFullError` before anything
-is written. Caches are for inference: they store keys and values detached, so gradients do not flow
+is written. A batch whose rows share one length takes a hot path (no index tensors, no reads back
+from the device, layout checked once per step by the model; :func:`set_debug` checks every layer);
+ragged steps pass each row's position to :func:`qkv.attention` as ``q_offset``. Caches are for inference: they store keys and values detached, so gradients do not flow
 into cached keys and values (a step's own new ones stay differentiable within the step).
 """
 

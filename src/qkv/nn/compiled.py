@@ -30,14 +30,14 @@ class StaticCacheLayer:
     :class:`~qkv.nn.MultiHeadAttention` uses (``update``, ``remap_score_mod``). Made afresh inside
     each step (no state outlives it, so a compiled step has no Python side effects to replay)."""
 
-    def __init__(self, keys: Tensor, values: Tensor, write_index: Tensor, key_mask: Tensor):
-        self.keys, self.values, self.write_index, self.key_mask = keys, values, write_index, key_mask
+    def __init__(self, keys: Tensor, values: Tensor, rows: Tensor, positions: Tensor, key_mask: Tensor):
+        self.keys, self.values, self.rows, self.positions, self.key_mask = keys, values, rows, positions, key_mask
 
     def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Write ``k, v (B, Hkv, 1, D)`` at each row's position; return all ``capacity`` keys and
         values and the key mask ``(B, 1, 1, capacity)``."""
-        self.keys.scatter_(2, self.write_index, k)
-        self.values.scatter_(2, self.write_index, v)
+        self.keys[self.rows, :, self.positions] = k[:, :, 0]  # an in-place index_put, also when compiled
+        self.values[self.rows, :, self.positions] = v[:, :, 0]
         return self.keys, self.values, self.key_mask
 
     def remap_score_mod(self, score_mod):
@@ -80,7 +80,9 @@ class DecodeStep:
         if cache.layout() != model.cache_layout():
             raise ValueError(f"cache: layout {cache.layout()} does not fit the model's {model.cache_layout()}")
         self.model, self.cache = model, cache
-        self.k, self.v = cache.k, cache.v
+        # Each layer's buffers as separate tensors (views): a compiled step then writes into them
+        # in place (mutating slices of one input would make it copy the whole cache every step).
+        self.k, self.v = list(cache.k.unbind(0)), list(cache.v.unbind(0))
         self.capacity = cache.capacity
         emb = model.position_embedding
         if isinstance(emb, LearnedPositionalEmbedding) and self.capacity > emb.max_positions:
@@ -91,6 +93,10 @@ class DecodeStep:
         self.slots = torch.arange(self.capacity, device=cache.device)
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        return self.forward(tokens, positions, self.k, self.v)
+
+    def forward(self, tokens: Tensor, positions: Tensor, k_layers: list[Tensor], v_layers: list[Tensor]) -> Tensor:
+        """The step, with the layers' key and value buffers passed in (what is compiled)."""
         model = self.model
         batch = tokens.shape[0]
         x = model.token_embedding(tokens)
@@ -105,18 +111,23 @@ class DecodeStep:
             full_cos, signed_sin = model.rope.expanded_table(self.capacity, x.dtype, x.device)
             rope = Rotation.from_expanded(full_cos[column], signed_sin[column], model.rope.interleaved)
         key_mask = (self.slots <= column)[:, None, None, :]  # (B, 1, 1, capacity)
-        write_index = positions.view(batch, 1, 1, 1).expand(batch, self.cache.num_kv_heads, 1, self.cache.head_dim)
-        for i, block in enumerate(model.blocks):
-            layer = StaticCacheLayer(self.k[i], self.v[i], write_index, key_mask)
+        rows = torch.arange(batch, device=positions.device)
+        for block, keys, values in zip(model.blocks, k_layers, v_layers):
+            layer = StaticCacheLayer(keys, values, rows, positions, key_mask)
             x = block(x, rope=rope, cache=layer, backend="sdpa")
         return model.lm_head(model.norm(x))
 
     def compiled(self, **options):
         """This step under ``torch.compile(fullgraph=True, dynamic=False, **options)``."""
         if self.cache.device.type == "cuda":  # CUDA graphs may write into the cache in place
-            torch._dynamo.mark_static_address(self.k)
-            torch._dynamo.mark_static_address(self.v)
-        return torch.compile(self.__call__, fullgraph=True, dynamic=False, **options)
+            for t in (*self.k, *self.v):
+                torch._dynamo.mark_static_address(t)
+        compiled = torch.compile(self.forward, fullgraph=True, dynamic=False, **options)
+
+        def step(tokens: Tensor, positions: Tensor) -> Tensor:
+            return compiled(tokens, positions, self.k, self.v)
+
+        return step
 
     def sync_cache(self, counts: Tensor) -> None:
         """Tell the cache that its rows grew by ``counts (B,)`` tokens (int64, CPU) in steps."""
