@@ -1,12 +1,17 @@
-"""Backends side by side on CPU: tiled, sdpa, reference, FlexAttention and qkv's automatic choice,
-at N = 1k..16k for full, causal, sliding-window (512) and packed-document (8 per sequence) masks.
+"""Backends side by side: tiled, sdpa, flex (FlexAttention through qkv), FlexAttention called
+directly (``flex_direct``: its own ``create_block_mask``, compiled per shape) and qkv's automatic
+choice, at N = 1k..16k for full, causal, sliding-window (1024), packed-document (8 per sequence),
+prefix-LM (N/4) and window | global-token masks.
 
-    python benchmarks/attention_speed.py                 # forward; ~10 minutes on 2 cores
+    python benchmarks/attention_speed.py                 # forward; ~30 minutes on 2 cores
     python benchmarks/attention_speed.py --backward      # forward + backward
+    python benchmarks/attention_speed.py --reference     # also the materialising reference backend
 
 Writes ``benchmarks/results/attention_speed_<device>[_backward].json`` (device, versions, date,
-every timing) and prints a Markdown table. Times are the best of ``--repeat`` runs after a
-warm-up; FlexAttention is compiled with torch.compile once per shape (compile time excluded).
+every timing, flex's compile count) and prints a Markdown table. Times are the best of
+``--repeat`` runs after a warm-up, so compile time is excluded: qkv's flex kernel compiles once per
+mask kind (its first row), flex_direct once per shape. ``auto`` is timed after the backends, with
+qkv's flex kernels compiled: the steady state of a training or inference loop.
 """
 
 from __future__ import annotations
@@ -25,22 +30,28 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention")
+    parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention called directly")
+    parser.add_argument("--window", type=int, default=1024)
+    parser.add_argument("--reference", action="store_true", help="also time the reference backend")
+    parser.add_argument("--out", help="result file (default: benchmarks/results/attention_speed_<device>[_backward].json)")
     args = parser.parse_args()
-    settings = {"batch": 1, "heads": 4, "head_dim": 64, "dtype": "float32", "window": 512, "documents": 8,
+    settings = {"batch": 1, "heads": 4, "head_dim": 64, "dtype": "float32", "window": args.window, "documents": 8,
                 "backward": args.backward, "repeat": args.repeat, "device": args.device}
     rows = []
     for seq in args.seq:
         for mask in args.masks:
+            backends = ["tiled", "sdpa", "flex"] + (["reference"] if args.reference else [])
             row = bench.run_problem(seq, mask, device=args.device, backward=args.backward, repeat=args.repeat,
-                                    peers=() if args.no_flex else ("flex",))
+                                    window=args.window, peers=() if args.no_flex else ("flex",), backends=backends)
             rows.append(row)
             times = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.times.items() if v is not None)
             print(f"N={seq} {mask}: {times} (auto -> {row.auto_choice})", flush=True)
             suffix = "_backward" if args.backward else ""
-            bench.save(rows, f"benchmarks/results/attention_speed_{args.device}{suffix}.json", settings)
+            bench.save(rows, args.out or f"benchmarks/results/attention_speed_{args.device}{suffix}.json", settings)
     print()
-    print(bench.format_table(rows, ["tiled", "sdpa", "reference", "flex", "auto"]))
+    columns = [c for c in ("tiled", "sdpa", "reference", "flex", "flex_direct", "auto") if any(c in r.times for r in rows)]
+    print(bench.format_table(rows, columns))
+    print(f"\nflex compiles: {rows[-1].flex_compiles} in all")
     for r in rows:
         for name, why in r.notes.items():
             print(f"N={r.seq} {r.mask} {name}: {why}")

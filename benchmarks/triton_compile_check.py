@@ -108,8 +108,9 @@ def record(all_configs: bool):
         mask, score = mask_program(p.mask, p.batch, p.nq, p.nk, p.device), score_program(p.score_mod)
         run = launch.Launch(p, mask, score)
         dims = max(p.head_dim, p.v_dim)
-        fwd = configs.candidates("fwd", dims) if all_configs else configs.candidates("fwd", dims)[:1]
-        bwd = configs.candidates("bwd", dims) if all_configs else configs.candidates("bwd", dims)[:1]
+        f32 = p.dtype == torch.float32
+        fwd = configs.candidates("fwd", dims, f32)[:None if all_configs else 1]
+        bwd = configs.candidates("bwd", dims, f32)[:None if all_configs else 1]
         out = torch.zeros(p.batch, p.q_heads, p.nq, p.v_dim, dtype=p.dtype)
         lse = torch.zeros(p.batch, p.q_heads, p.nq)
         start = len(calls)

@@ -36,6 +36,7 @@ CASES = {
     "bool_tensor_empty_rows": dict(world=4, layout="zigzag", n=16, mask="bool_tensor"),
     "float_bias_grad": dict(world=4, layout="contiguous", n=16, mask="float_bias"),
     "float32_causal_zigzag": dict(world=4, layout="zigzag", n=64, mask="causal", dtype=torch.float32),
+    "bfloat16_gqa_window": dict(world=4, layout="contiguous", n=64, heads=(4, 2), mask="window", dtype=torch.bfloat16),
     "w2_full": dict(world=2, layout="contiguous", n=18, mask="none"),
     "w2_causal_zigzag": dict(world=2, layout="zigzag", n=20, mask="causal"),
     "w2_window": dict(world=2, layout="contiguous", n=20, mask="window", heads=(4, 2)),
@@ -166,8 +167,23 @@ def run_case(name: str, case: dict, group, rank: int, world: int) -> dict:
         total = mask.grad.detach().clone()
         dist.all_reduce(total, group=group)
         errors["dbias"] = _err(total, ref_mask.grad)
-    return {"errors": errors, "dtype": str(dtype), "plan": stats.plan.summary(),
+    baseline = _single_process_errors(q, k, v, mask, case, gout, glse, ref_out, ref_lse, ref_inputs, rank, world) \
+        if dtype != torch.float64 else None
+    return {"errors": errors, "baseline": baseline, "dtype": str(dtype), "plan": stats.plan.summary(),
             "forward_bytes": stats.forward_bytes_sent, "backward_bytes": stats.backward_bytes_sent}
+
+
+def _single_process_errors(q, k, v, mask, case, gout, glse, ref_out, ref_lse, ref_inputs, rank, world) -> dict:
+    """Errors of single-process qkv.attention in the same low precision (this rank's rows): the
+    yardstick for the ring's errors."""
+    inputs = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out, lse = qkv.attention(*inputs, mask, return_lse=True)
+    _loss(out, lse, gout, glse).backward()
+    errors = {"out": _err(_local(out, case, rank, world), _local(ref_out, case, rank, world)),
+              "lse": _err(_local(lse, case, rank, world), _local(ref_lse, case, rank, world))}
+    for label, mine, ref in zip(("dq", "dk", "dv"), inputs, ref_inputs):
+        errors[label] = _err(_local(mine.grad, case, rank, world), _local(ref.grad, case, rank, world))
+    return errors
 
 
 def _loss(out, lse, gout, glse):

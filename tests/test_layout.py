@@ -164,3 +164,15 @@ def test_plan_runs_lives_next_to_the_layout():
     assert maps.plan_runs is plan_runs
     kinds = torch.tensor([[EMPTY, FULL, FULL, PARTIAL, EMPTY, FULL]], dtype=torch.int8)
     assert plan_runs(kinds, 4, 22, 8) == [[(4, 12, False), (12, 16, True), (20, 22, False)]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_layout_and_kv_blocks_live_on_the_data_device():
+    ids = torch.stack([torch.arange(256) // 64, torch.arange(256) // 128]).cuda()
+    q = torch.randn(2, 2, 256, 16, device="cuda")
+    layout = make_problem(q, q, q, qkv.document(ids, causal=True), q_offset=torch.tensor([0, 0]).cuda(),
+                          k_offset=torch.tensor([0, 0]).cuda()).layout(64, 64)
+    blocks = layout.kv_blocks()
+    assert layout.kinds.is_cuda and blocks.kv_indices.is_cuda and blocks.full_kv_num_blocks.is_cuda
+    cpu = make_problem(q.cpu(), q.cpu(), q.cpu(), qkv.document(ids.cpu(), causal=True)).layout(64, 64)
+    assert torch.equal(layout.kinds.cpu(), cpu.kinds)

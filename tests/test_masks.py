@@ -46,7 +46,7 @@ def _cases(nq, nk):
         (qkv.document(seg, q_segment_ids=q_seg), lambda b, h, q, k: q_seg[q - off] == seg[k]),
         (qkv.document(seg, causal=True, q_segment_ids=q_seg),
          lambda b, h, q, k: q_seg[q - off] == seg[k] and k <= q),
-        (qkv.prefix_lm(3), lambda b, h, q, k: k < 3 or k <= q),
+        (qkv.prefix_lm(3), lambda b, h, q, k: q >= 0 and (k < 3 or k <= q)),  # negative positions see nothing
         (qkv.global_tokens(glob), lambda b, h, q, k: q in glob or k in glob),
         (qkv.block_sparse(layout, 4), lambda b, h, q, k: q >= 0 and bool(layout[q // 4, k // 4])),
         (qkv.from_function(lambda b, h, q, k: (q + k + h) % 3 != 0, "mod3"),

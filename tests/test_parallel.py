@@ -25,6 +25,10 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torc
                                 reason="needs torch.distributed with gloo")
 
 TOLERANCE = {"torch.float64": 1e-10, "torch.float32": 2e-5}
+#: Low precision: the ring's error against float64 stays within this factor of single-process
+#: qkv.attention's error in the same dtype, plus a floor near the dtype's rounding of O(1) values
+#: (each block's upstream gradient ``w * dout`` is rounded once more than one process's ``dout``).
+LOW_PRECISION_FACTOR, LOW_PRECISION_FLOOR = 2.5, {"torch.float32": 1e-6, "torch.bfloat16": 1e-3}
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +40,13 @@ def ranks():
 def test_matches_single_process(ranks, name):
     for rank, results in enumerate(ranks):
         result = results[name]
-        tol = TOLERANCE[result["dtype"]]
-        if result["dtype"] == "torch.float32":  # gradients of sums over the sequence: a little looser
-            tol = {key: (tol if key in ("out", "lse") else 1e-4) for key in result["errors"]}
+        if result["baseline"] is not None:  # low precision: against one process in the same dtype
+            floor = LOW_PRECISION_FLOOR[result["dtype"]]
+            tol = {key: LOW_PRECISION_FACTOR * err + floor for key, err in result["baseline"].items()}
         else:
-            tol = dict.fromkeys(result["errors"], tol)
+            tol = dict.fromkeys(result["errors"], TOLERANCE[result["dtype"]])
+        if result["dtype"] == "torch.float32":  # and within float32 tolerance outright
+            tol = {key: min(t, 2e-5 if key in ("out", "lse") else 1e-4) for key, t in tol.items()}
         bad = {key: err for key, err in result["errors"].items() if not err <= tol[key]}
         assert not bad, f"{name}, rank {rank}: errors {bad} above {tol}"
 

@@ -182,6 +182,22 @@ def test_garbage_in_unused_contiguous_cache_slots_changes_nothing():
         torch.testing.assert_close(b, a, **TOL)
 
 
+def test_garbage_in_empty_streaming_cache_slots_changes_nothing():
+    from qkv.cache import StreamingKVCache
+
+    model = make_model()
+    ids = torch.randint(0, 37, (2, 9))
+    results = []
+    for garbage in (0.0, NAN):
+        cache = StreamingKVCache(batch_size=2, sinks=2, window=6, **model.cache_spec())
+        cache.k.fill_(garbage)  # slots not yet holding a token (position -1)
+        cache.v.fill_(garbage)
+        results.append([model(ids[:, :3], cache)] + [model(ids[:, t:t + 1], cache, backend=b)
+                                                       for t, b in zip(range(3, 9), BACKENDS * 2)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, **TOL)
+
+
 # -- 3. NaN that reaches a visible score ----------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -286,3 +302,59 @@ def test_fuzz_hidden_garbage_and_empty_rows(data, backend, dtype, value):
         torch.testing.assert_close(b, a, atol=0, rtol=0, msg=f"d{name}: {case.label}")
     assert max_abs(g_dirty[1].masked_select(where)) == 0.0, case.label
     assert max_abs(g_dirty[0].masked_select(empty_rows[..., None].expand_as(case.q))) == 0.0, case.label
+
+
+# -- 4. block views and estimates that cost O(tiles) ----------------------------------------------
+
+def test_a_forced_backend_is_checked_not_estimated(monkeypatch):
+    from qkv.backends import REGISTRY
+
+    def no_estimates(self, *args, **kwargs):
+        raise AssertionError("estimated although the backend was forced")
+
+    for backend in REGISTRY.values():
+        monkeypatch.setattr(type(backend), "estimate", no_estimates)
+    monkeypatch.setattr(qkv.masks.TensorMask, "block_kinds", no_estimates)
+    q = randn(1, 2, 300, 16)
+    mask = torch.rand(300, 300) > 0.5
+    report = qkv.explain_dispatch(q, q, q, mask, backend="sdpa")
+    assert report.chosen == "sdpa" and report.forced and "not estimated (backend forced)" in str(report)
+    qkv.attention(q, q, q, mask, backend="sdpa")
+    with pytest.raises(ValueError, match="backend='sdpa' cannot run this problem: return_lse.*Backends that can: "
+                                         "reference, tiled"):
+        qkv.attention(q, q, q, mask, backend="sdpa", return_lse=True)
+
+
+def test_tile_counting_reads_the_mask_in_bands_without_an_int_copy(monkeypatch):
+    from qkv import masks
+
+    big = torch.rand(1, 1, 1000, 700) > 0.3
+    expected = masks.count_tiles(big, 128, 64)
+    monkeypatch.setattr(masks, "_EVAL_CHUNK_ELEMENTS", 128 * 64 * 11)  # one tile row per band
+    real_to = torch.Tensor.to
+
+    def no_int_copies(self, *args, **kwargs):
+        if self.numel() > 128 * 704 * 2 and any(a in (torch.int32, torch.int64) for a in args):
+            raise AssertionError("converted a whole mask to an integer dtype")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", no_int_copies)
+    banded = masks.count_tiles(big, 128, 64)
+    assert torch.equal(banded, expected)
+    dense = big[0, 0]
+    for i in range(8):
+        for j in range(11):
+            tile = dense[i * 128:(i + 1) * 128, j * 64:(j + 1) * 64]
+            kind = masks.EMPTY if not tile.any() else masks.FULL if tile.all() else masks.PARTIAL
+            assert int(banded[0, 0, i, j]) == int(kind)
+
+
+def test_the_tiled_estimate_charges_float_masks():
+    """Refitted with benchmarks/tiled_bias_cost.py: a float mask made the tiled forward x1.24-1.62
+    slower at N = 1k-16k; the estimate must say so (it said x1.00)."""
+    from qkv.backends import REGISTRY
+
+    q = torch.empty(1, 4, 4096, 64, device="meta")
+    plain = REGISTRY["tiled"].estimate(make_problem(q, q, q))
+    biased = REGISTRY["tiled"].estimate(make_problem(q, q, q, torch.empty(4096, 4096, device="meta")))
+    assert 1.3 < biased / plain < 1.8

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import qkv
 from qkv.masks import EMPTY, TileGrid, count_tiles
+from qkv.positions import Positions
 from tests.oracle import dense_from_predicate, textbook_attention
 from tests.strategies import Case, make_mod
 from tests.test_backends import assert_close, run, supporting
@@ -84,6 +85,38 @@ def test_block_views_are_exact(nq, nk, bq, bk):
         assert torch.equal(kinds.expand_as(truth), truth), f"{mask!r} nq={nq} nk={nk} tiles {bq}x{bk}"
 
 
+def _predicate_at(pred, batch, heads, nq, nk, q_off, k_off):
+    """Bool ``(B, H, Nq, Nk)``: ``pred`` at query position ``q_off[b] + i``, key ``k_off[b] + j``."""
+    out = torch.zeros(batch, heads, nq, nk, dtype=torch.bool)
+    for b in range(batch):
+        for h in range(heads):
+            for i in range(nq):
+                for j in range(nk):
+                    out[b, h, i, j] = bool(pred(b, h, q_off[b] + i, k_off[b] + j))
+    return out
+
+
+@settings(max_examples=8)
+@given(nq=st.integers(1, 14), nk=st.integers(1, 14), q_off=st.lists(st.integers(-6, 30), min_size=B, max_size=B),
+       k_off=st.lists(st.integers(0, 30), min_size=B, max_size=B), per_batch=st.booleans(),
+       bq=st.sampled_from([2, 3, 8]), bk=st.sampled_from([2, 5, 8]))
+def test_patterns_at_explicit_positions(nq, nk, q_off, k_off, per_batch, bq, bk):
+    """Query row i of batch b at position q_off[b] + i, key column j at k_off[b] + j (a chunk of a
+    longer sequence, a decoding step): the definition holds there, and the block view stays exact."""
+    if not per_batch:
+        q_off, k_off = [q_off[0]] * B, [k_off[0]] * B
+    offsets = (torch.tensor(q_off), torch.tensor(k_off)) if per_batch else (q_off[0], k_off[0])
+    pos = Positions.make(B, nq, nk, *offsets)
+    top = max(max(q_off) + nq, max(k_off) + nk)  # the patterns' tables must reach every position
+    for mask, pred in patterns(top, top):
+        got = mask.dense(B, H, nq, nk, positions=pos).expand(B, H, nq, nk)
+        assert torch.equal(got, _predicate_at(pred, B, H, nq, nk, q_off, k_off)), repr(mask)
+        m = mask.bind(B, H, nq, nk, torch.device("cpu"), positions=pos)
+        kinds = m.block_kinds(TileGrid(nq, nk, bq, bk, positions=pos), B, H)
+        truth = count_tiles(got, bq, bk)
+        assert torch.equal(kinds.expand_as(truth), truth), f"{mask!r} at {pos!r}, tiles {bq}x{bk}"
+
+
 def test_bigbird_random_blocks():
     mask = qkv.bigbird(block_size=8, window_blocks=3, global_blocks=2, random_blocks=3, seed=11)
     layout = mask.layout(20)
@@ -130,6 +163,10 @@ def pattern_cases(draw):
     score_mod, bias, learnable = make_mod(mod_kind, heads, batch, nq, nk, torch.float64, g, True)
     t = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_(True)  # noqa: E731
     kwargs = {"mask": mask, "score_mod": score_mod}
+    if draw(st.booleans()):  # a chunk of a longer sequence: explicit positions
+        kwargs["k_offset"] = draw(st.integers(0, 9))
+        kwargs["q_offset"] = kwargs["k_offset"] + draw(st.integers(-3, nk + 3))
+        extra += f" q_offset={kwargs['q_offset']} k_offset={kwargs['k_offset']}"
     return Case(t(batch, heads, nq, d), t(batch, kv_heads, nk, d), t(batch, kv_heads, nk, dv), kwargs,
                 f"B={batch} H={heads}/{kv_heads} Nq={nq} Nk={nk} mask={mask!r} {extra} mod={mod_kind}", learnable)
 
@@ -140,8 +177,11 @@ def test_every_backend_matches_the_float64_formula_under_each_pattern(case):
     mask = case.kwargs["mask"]
     if case.kwargs["score_mod"] is None:
         b, hq, nq, nk = case.q.shape[0], case.q.shape[1], case.q.shape[2], case.k.shape[2]
-        want = textbook_attention(case.q, case.k, case.v, allowed=dense(mask, nq, nk, b, hq))
-        got = qkv.attention(case.q, case.k, case.v, mask, backend="reference")
+        offsets = {key: case.kwargs[key] for key in ("q_offset", "k_offset") if key in case.kwargs}
+        pos = Positions.make(b, nq, nk, **offsets) if offsets else None
+        allowed = mask.dense(b, hq, nq, nk, positions=pos).expand(b, hq, nq, nk)
+        want = textbook_attention(case.q, case.k, case.v, allowed=allowed)
+        got = qkv.attention(case.q, case.k, case.v, mask, backend="reference", **offsets)
         assert_close("reference vs formula", got.detach(), want.detach(), case.label)
     ref_out, ref_lse, ref_grads = run(case, "reference", True)
     names = supporting(case, True)

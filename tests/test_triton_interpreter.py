@@ -44,4 +44,23 @@ def test_triton_says_why_it_cannot_run_on_cpu():
     q = torch.randn(1, 1, 4, 8)
     decision = qkv.explain_dispatch(q, q, q)
     assert decision.chosen != "triton"
-    assert "needs a CUDA device" in " ".join(decision.reasons["triton"])
+    assert "Triton kernels run on CUDA devices" in " ".join(decision.reasons["triton"])
+
+
+def test_cuda_estimate_sends_masked_problems_to_triton_and_dense_ones_to_sdpa(monkeypatch):
+    """The guessed CUDA cost model ranks as intended (evaluated on CPU problems with CUDA rates)."""
+    import qkv
+    from qkv.backends import REGISTRY, costs
+    from qkv.backends.triton import cuda_estimate
+    from qkv.problem import make_problem
+
+    monkeypatch.setattr(costs, "rates", lambda problem: costs.RATES["cuda"])
+    sdpa = REGISTRY["sdpa"].estimate
+    q = torch.empty(1, 16, 8192, 128, device="meta", dtype=torch.bfloat16)
+    for mask, triton_wins in ((None, False), (qkv.causal(), False), (qkv.sliding_window(1024), True),
+                              (qkv.document(torch.arange(8192) * 8 // 8192), True)):
+        p = make_problem(q, q, q, mask)
+        assert (cuda_estimate(p) < sdpa(p)) == triton_wins, mask
+    kv = torch.empty(1, 8, 32768, 128, device="meta", dtype=torch.bfloat16)
+    decode = make_problem(torch.empty(1, 32, 1, 128, device="meta", dtype=torch.bfloat16), kv, kv)
+    assert cuda_estimate(decode) > sdpa(decode)  # decode stays on SDPA until measured

@@ -55,7 +55,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
     if problem.is_empty:
         out, lse = _empty_result(problem)
     else:
-        out, lse = choose(problem, backend).backend.run(problem)
+        out, lse = choose(problem, backend, learn=True).backend.run(problem)
     return (out, lse) if return_lse else out
 
 

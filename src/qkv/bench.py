@@ -22,12 +22,13 @@ import torch
 
 import qkv
 from qkv.backends import REGISTRY
+from qkv.backends import flex as flex_backend
 from qkv.dispatch import choose
 from qkv.problem import make_problem
 
 #: The reference backend materialises scores and weights; skip it beyond this many bytes of them.
 REFERENCE_LIMIT_BYTES = 6 << 30
-MASKS = ("full", "causal", "window", "document")
+MASKS = ("full", "causal", "window", "document", "prefix", "window_global")
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Row:
     notes: dict[str, str] = field(default_factory=dict)
     auto_choice: str = ""
     samples: dict[str, list[float]] = field(default_factory=dict)
+    flex_compiles: int | None = None  # compiled versions of qkv's flex kernels after this row
 
     def spread(self, name: str) -> tuple[float, float, float] | None:
         """``(min, median, max)`` seconds over the timed runs of ``name``, or None if it did not run."""
@@ -68,7 +70,16 @@ def make_mask(name: str, seq: int, window: int, documents: int):
         return qkv.sliding_window(window)
     if name == "document":
         return qkv.document(torch.arange(seq) * documents // seq)
+    if name == "prefix":
+        return qkv.prefix_lm(seq // 4)
+    if name == "window_global":
+        return qkv.sliding_window(window) | qkv.global_tokens(_global_positions(seq))
     raise ValueError(f"unknown mask {name!r}; choose from {MASKS}")
+
+
+def _global_positions(seq: int) -> torch.Tensor:
+    """The benchmark's global tokens: 8 positions spread over the sequence."""
+    return torch.arange(8) * (seq // 8)
 
 
 def best_time(fn: Callable[[], object], repeat: int, device: str | torch.device = "cpu") -> float:
@@ -98,18 +109,30 @@ def _flex_runner(q, k, v, mask_name, seq, window, documents):
     except ImportError:
         return None, "torch has no flex_attention"
     seg = torch.arange(seq, device=q.device) * documents // seq
+    is_global = torch.zeros(seq, dtype=torch.bool, device=q.device)
+    is_global[_global_positions(seq).to(q.device)] = True
+    prefix = seq // 4
     mods = {
         "full": None,
         "causal": lambda b, h, i, j: j <= i,
         "window": lambda b, h, i, j: (j <= i) & (j >= i - window),
         "document": lambda b, h, i, j: seg[i] == seg[j],
+        "prefix": lambda b, h, i, j: (j <= i) | (j < prefix),
+        "window_global": lambda b, h, i, j: ((j <= i) & (j >= i - window)) | is_global[i] | is_global[j],
     }
-    torch._dynamo.reset()  # a fresh compile per shape: dynamo's recompile limit would fall back to eager
     block_mask = None
     if mods[mask_name] is not None:
         block_mask = create_block_mask(mods[mask_name], None, None, seq, seq, device=str(q.device))
+    # Compiled for this shape alone (its fastest form), as a user calling Flex directly would; dynamo's
+    # recompile limit is lifted for it (no torch._dynamo.reset(), which would drop qkv's kernels too).
     compiled = torch.compile(flex_attention, dynamic=False)
-    return (lambda: compiled(q, k, v, block_mask=block_mask)), ""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+    def run():
+        with torch._dynamo.config.patch(**{limit: 1 << 20}):
+            return compiled(q, k, v, block_mask=block_mask)
+
+    return run, ""
 
 
 def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtype=torch.float32, device="cpu",
@@ -144,7 +167,13 @@ def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtyp
         if name == "reference" and 3 * batch * heads * seq * seq * 4 > REFERENCE_LIMIT_BYTES:
             row.times[name], row.notes[name] = None, "skipped: materialised scores too large"
             continue
-        row.times[name] = timed(lambda: qkv.attention(q, k, v, mask, backend=name), name)
+        try:
+            row.times[name] = timed(lambda: qkv.attention(q, k, v, mask, backend=name), name)
+        except RuntimeError as err:  # a kernel that fails here is reported in the table, not fatal
+            row.times[name], row.notes[name] = None, f"{type(err).__name__}: {str(err).splitlines()[-1][:120]}"
+    with torch.set_grad_enabled(backward):  # auto's pick now that the backends ran (flex compiled):
+        row.auto_choice = choose(make_problem(q, k, v, mask)).chosen  # the steady state of a loop
+    row.flex_compiles = flex_backend.compile_count()
     if row.auto_choice not in row.times:  # the picked backend was left out of ``backends``: time it too
         row.times[row.auto_choice] = timed(lambda: qkv.attention(q, k, v, mask, backend=row.auto_choice),
                                            row.auto_choice)
@@ -152,11 +181,11 @@ def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtyp
     if "flex" in peers:
         runner, why = _flex_runner(q, k, v, mask_name, seq, window, documents)
         try:
-            row.times["flex"] = timed(runner, "flex") if runner else None
+            row.times["flex_direct"] = timed(runner, "flex_direct") if runner else None
         except Exception as err:  # a peer that fails to compile here is reported, not fatal
-            row.times["flex"], why = None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            row.times["flex_direct"], why = None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
         if why:
-            row.notes["flex"] = why
+            row.notes["flex_direct"] = why
     return row
 
 
@@ -193,8 +222,11 @@ def format_ratio(x: float) -> str:
 def format_table(rows: list[Row], columns: list[str]) -> str:
     """A Markdown table: milliseconds per backend (best run), auto's choice, how the picked
     backend's time compares with the fastest qkv backend's (1.00: it picked the fastest), and
-    tiled's speed-up over SDPA (SDPA's time / tiled's). ``auto`` is the picked backend's time."""
-    head = ["N", "mask", *columns, "auto picks", "picked/best", "sdpa/tiled"]
+    tiled's speed-up over SDPA (SDPA's time / tiled's), and with ``flex_direct`` (FlexAttention called
+    directly, its own ``create_block_mask``) the picked backend's speed relative to it. ``auto`` is
+    the picked backend's time."""
+    direct = any(r.times.get("flex_direct") for r in rows)
+    head = ["N", "mask", *columns, "auto picks", "picked/best", "sdpa/tiled"] + (["auto vs flex_direct"] if direct else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.seq), r.mask]
@@ -206,6 +238,8 @@ def format_table(rows: list[Row], columns: list[str]) -> str:
         tiled, sdpa = r.times.get("tiled"), r.times.get("sdpa")
         cells += [r.auto_choice, f"{picked / best:.2f}" if picked else "—",
                   format_ratio(sdpa / tiled) if tiled and sdpa else "—"]
+        if direct:
+            cells.append(format_ratio(r.times["flex_direct"] / picked) if r.times.get("flex_direct") and picked else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -40,7 +40,8 @@ class Dispatch:
             elif est is None:
                 lines.append(f" {mark} {name:<10} cannot run: " + "; ".join(self.reasons[name]))
             else:
-                lines.append(f" {mark} {name:<10} ~{_seconds(est)}")
+                note = getattr(REGISTRY.get(name), "note", None)
+                lines.append(f" {mark} {name:<10} ~{_seconds(est)}" + (f" ({note(self.problem)})" if note else ""))
         return "\n".join(lines)
 
 
@@ -69,9 +70,10 @@ def summarize(p: Problem) -> str:
     return ", ".join(parts)
 
 
-def choose(problem: Problem, backend: str | None = None) -> Dispatch:
+def choose(problem: Problem, backend: str | None = None, learn: bool = False) -> Dispatch:
     """Pick the backend for ``problem`` (or check the forced one). Raises ``ValueError`` if the
-    named backend does not exist or cannot run the problem, quoting its reasons."""
+    named backend does not exist or cannot run the problem, quoting its reasons. ``learn=True``
+    (a call that will run) lets backends that learn from automatic choices see this one."""
     if backend is not None and backend not in REGISTRY:
         raise ValueError(f"backend must be None or one of {sorted(REGISTRY)}, got {backend!r}")
     if backend is not None:  # only the forced backend's own support check: no estimate, no block view
@@ -84,6 +86,9 @@ def choose(problem: Problem, backend: str | None = None) -> Dispatch:
     reasons = {name: b.unsupported(problem) for name, b in REGISTRY.items()}
     estimates = {name: (None if reasons[name] else REGISTRY[name].estimate(problem)) for name in REGISTRY}
     chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
+    for b in REGISTRY.values() if learn else ():  # backends that learn from choices (flex's ski rental)
+        if hasattr(b, "observe"):
+            b.observe(problem, estimates, chosen)
     return Dispatch(chosen, False, estimates, reasons, problem, REGISTRY[chosen])
 
 

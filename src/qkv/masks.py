@@ -515,12 +515,7 @@ class GlobalTokens(Mask):
         if self.indices.numel() and (int(self.indices[0]) < 0 or (not explicit and int(self.indices[-1]) >= nk)):
             raise ValueError(f"global_tokens: indices must lie in [0, Nk={nk}), got {self.indices.tolist()}"
                              if not explicit else f"global_tokens: indices must be >= 0, got {self.indices.tolist()}")
-        bound = self._bound_copy(indices=self.indices.to(device))
-        if not explicit:  # a position table, for masks built on this one (qkv.sparse_patterns)
-            bound._nk = nk
-            bound._is_global = torch.zeros(nk + 1, dtype=torch.bool, device=device)  # last: "no position"
-            bound._is_global[bound.indices] = True
-        return bound
+        return self._bound_copy(indices=self.indices.to(device))
 
     def _count_up_to(self, pos: Tensor, right: bool) -> Tensor:
         """How many global positions are ``< pos`` (``<= pos`` with ``right``)."""

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from .masks import (BlockSparse, GlobalTokens, Mask, SlidingWindow, TileGrid, _broadcast_index, _int_vector,
                     tile_kinds)
+from .positions import Positions
 from .validate import positive_int
 
 
@@ -44,11 +45,12 @@ def _non_negative_int(name: str, value) -> int:
     return value
 
 
-def _column_grid(grid: TileGrid) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Tile bounds shaped for ``(nQB, nKB)`` broadcasting: ``qf, ql (nQB, 1)``, ``kf, kl (1, nKB)``."""
-    qf, ql = grid.q_bounds()
-    kf, kl = grid.k_bounds()
-    return qf[:, None], ql[:, None], kf[None, :], kl[None, :]
+def _bounds(grid: TileGrid) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tile bounds in positions: ``qf, ql (B|1, 1, nQB, 1)``, ``kf, kl (B|1, 1, 1, nKB)`` (per batch
+    element when the offsets are), so that tests on them broadcast to ``(B|1, 1, nQB, nKB)``."""
+    qf, ql = grid.query_bounds()
+    kf, kl = grid.key_bounds()
+    return qf, ql, kf, kl
 
 
 def _has_multiple(lo: Tensor, hi: Tensor, step: Tensor | int) -> Tensor:
@@ -63,48 +65,60 @@ def _has_multiple(lo: Tensor, hi: Tensor, step: Tensor | int) -> Tensor:
 
 class Longformer(Mask):
     """Sliding window (``left`` keys before, ``right`` after) | global tokens (symmetric: a
-    global token sees every key and every query sees it). Positions of ``global_indices`` are
-    key positions."""
+    global token sees every key and every query sees it). ``global_indices`` are positions."""
 
     def __init__(self, left: int, right: int, global_indices=()):
         self.window = SlidingWindow(left, right)
         if not isinstance(global_indices, Tensor) and len(global_indices) == 0:
             global_indices = torch.zeros(0, dtype=torch.int64)  # an empty list would read as float
         self.globals = GlobalTokens(global_indices)
+        runs = self._runs(self.globals.indices)
+        self._run_first, self._run_last = runs
 
-    def bind(self, batch, heads, nq, nk, device):
-        return self._bound_copy(globals=self.globals.bind(batch, heads, nq, nk, device))
+    @staticmethod
+    def _runs(indices: Tensor) -> tuple[Tensor, Tensor]:
+        """For each (sorted, unique) global position, the first and last position of the run of
+        consecutive global positions it belongs to."""
+        n = indices.numel()
+        if n == 0:
+            return indices, indices
+        starts = torch.ones(n, dtype=torch.bool)
+        starts[1:] = indices[1:] != indices[:-1] + 1
+        run_id = starts.cumsum(0) - 1
+        ends = torch.ones(n, dtype=torch.bool)
+        ends[:-1] = starts[1:]
+        return indices[starts][run_id], indices[ends][run_id]
+
+    def bind(self, batch, heads, nq, nk, device, positions: Positions | None = None):
+        return self._bound_copy(globals=self.globals.bind(batch, heads, nq, nk, device, positions=positions),
+                                _run_first=self._run_first.to(device), _run_last=self._run_last.to(device))
 
     def allowed(self, b, h, q, k):
         return self.window.allowed(b, h, q, k) | self.globals.allowed(b, h, q, k)
 
-    def _non_global(self, first: Tensor, last: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Smallest and largest non-global position in each range ``first ..= last``, and whether
-        there is one. Positions outside ``0 .. Nk-1`` are never global."""
-        lo = min(int(first.min()), 0) - 1
-        hi = max(int(last.max()), self.globals._nk - 1) + 1
-        positions = torch.arange(lo, hi + 1, device=first.device)
-        inside = (positions >= 0) & (positions < self.globals._nk)
-        is_global = torch.zeros_like(inside)
-        is_global[inside] = self.globals._is_global[positions[inside]]
-        ordinary = positions[~is_global]  # sorted; holds lo and hi, so every search lands inside
-        smallest = ordinary[torch.searchsorted(ordinary, first)]
-        largest = ordinary[torch.searchsorted(ordinary, last, right=True) - 1]
+    def _ordinary(self, first: Tensor, last: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Smallest and largest position in ``first ..= last`` that is not global, and whether
+        there is one (``searchsorted`` over the sorted global positions and their runs)."""
+        glob = self.globals.indices.to(first.device)
+        if glob.numel() == 0:
+            return first, last, first <= last
+        n = glob.numel()
+        i = torch.searchsorted(glob, first.contiguous()).clamp(max=n - 1)
+        smallest = torch.where(glob[i] == first, self._run_last.to(first.device)[i] + 1, first)
+        j = (torch.searchsorted(glob, last.contiguous(), right=True) - 1).clamp(min=0)
+        largest = torch.where(glob[j] == last, self._run_first.to(first.device)[j] - 1, last)
         return smallest, largest, smallest <= last
 
     def block_kinds(self, grid, batch, heads):
-        window = self.window.block_kinds(grid, batch, heads)[0, 0]
-        globals_ = self.globals.block_kinds(grid, batch, heads)[0, 0]
+        window = self.window.block_kinds(grid, batch, heads)
+        globals_ = self.globals.block_kinds(grid, batch, heads)
         empty = (window == 0) & (globals_ == 0)
-        qf, ql = grid.q_bounds()
-        kf, kl = grid.k_bounds()
-        q_min, q_max, q_some = self._non_global(qf, ql)
-        k_min, k_max, k_some = self._non_global(kf, kl)
+        qf, ql, kf, kl = _bounds(grid)
+        q_min, q_max, q_some = self._ordinary(qf, ql)
+        k_min, k_max, k_some = self._ordinary(kf, kl)
         # Full: every (ordinary query, ordinary key) pair of the tile lies in the window.
-        in_window = ((q_max[:, None] - self.window.left <= k_min[None, :])
-                     & (k_max[None, :] <= q_min[:, None] + self.window.right))
-        full = ~q_some[:, None] | ~k_some[None, :] | in_window
-        return tile_kinds(empty, full)[None, None]
+        in_window = (q_max - self.window.left <= k_min) & (k_max <= q_min + self.window.right)
+        return tile_kinds(empty, ~q_some | ~k_some | in_window)
 
     def __repr__(self):
         return (f"longformer(left={self.window.left}, right={self.window.right}, "
@@ -155,9 +169,15 @@ class BigBird(Mask):
             picked.scatter_(1, order.indices, order.values < 2.0)
         return fixed | picked
 
-    def bind(self, batch, heads, nq, nk, device):
-        num_blocks = max(1, math.ceil(nk / self.block_size))
-        blocks = BlockSparse(self.layout(num_blocks), self.block_size).bind(batch, heads, nq, nk, device)
+    def bind(self, batch, heads, nq, nk, device, positions: Positions | None = None):
+        """The layout covers key positions ``0 .. Nk-1`` by default; with explicit offsets, every
+        position up to the highest query or key position of the call."""
+        top = nk - 1
+        if positions is not None and positions.explicit:
+            top = max(positions.query_span()[1], positions.key_span()[1])
+        num_blocks = max(1, math.ceil((top + 1) / self.block_size))
+        blocks = BlockSparse(self.layout(num_blocks), self.block_size).bind(batch, heads, nq, nk, device,
+                                                                             positions=positions)
         return self._bound_copy(_blocks=blocks)
 
     def allowed(self, b, h, q, k):
@@ -191,7 +211,7 @@ class DilatedWindow(Mask):
             raise ValueError(f"dilated_window: dilation must be >= 1 (an int or one per head), got {d.tolist()}")
         self.dilation = d
 
-    def bind(self, batch, heads, nq, nk, device):
+    def bind(self, batch, heads, nq, nk, device, positions: Positions | None = None):
         if self.dilation.numel() not in (1, heads):
             raise ValueError(f"dilated_window: dilation has {self.dilation.numel()} entries, expected 1 "
                              f"or heads={heads}")
@@ -206,13 +226,13 @@ class DilatedWindow(Mask):
         return (diff >= -self.right * d) & (diff <= self.left * d) & (diff % d == 0)
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql, kf, kl = _column_grid(grid)
-        d = self.dilation.to(qf.device).view(-1, 1, 1)  # (H|1, 1, 1)
+        qf, ql, kf, kl = _bounds(grid)
+        d = self.dilation.to(qf.device).view(1, -1, 1, 1)  # (1, H|1, 1, 1)
         lo, hi = qf - kl, ql - kf  # every integer in between is a q - k of the tile
         low, high = -self.right * d, self.left * d
         empty = ~_has_multiple(torch.maximum(lo, low), torch.minimum(hi, high), d)
         full = (lo >= low) & (hi <= high) & ((d == 1) | ((lo == hi) & (lo % d == 0)))
-        return tile_kinds(empty, full)[None]
+        return tile_kinds(empty, full)
 
     def __repr__(self):
         d = self.dilation.tolist()
@@ -240,7 +260,7 @@ class SparseStrided(Mask):
         return ok & (diff >= 0) if self.causal else ok
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql, kf, kl = _column_grid(grid)
+        qf, ql, kf, kl = _bounds(grid)
         lo, hi = qf - kl, ql - kf
         s = self.stride
         if self.causal:  # allowed differences: 0 ..= s, then s, 2s, 3s, ...
@@ -250,7 +270,7 @@ class SparseStrided(Mask):
         else:  # allowed differences: -s ..= s, and every multiple of s
             some = ((lo <= s) & (hi >= -s)) | _has_multiple(lo, hi, s)
             full = ((lo >= -s) & (hi <= s)) | ((lo == hi) & (lo % s == 0)) | (s == 1)
-        return tile_kinds(~some, full)[None, None]
+        return tile_kinds(~some, full)
 
     def __repr__(self):
         return f"sparse_strided({self.stride}, causal={self.causal})"
@@ -287,16 +307,16 @@ class SparseFixed(Mask):
         return (self._summaries_upto(last) - self._summaries_upto(first - 1)).clamp(min=0) * (first <= last)
 
     def block_kinds(self, grid, batch, heads):
-        qf, ql, kf, kl = _column_grid(grid)
+        qf, ql, kf, kl = _bounds(grid)
         s = self.stride
         blk = lambda p: torch.div(p, s, rounding_mode="floor")  # noqa: E731
         shared = torch.maximum(blk(qf), blk(kf)) <= torch.minimum(blk(ql), blk(kl))
         if self.causal:
             same_block = shared & (kf <= ql)
-            summary = self._summaries(kf.expand_as(same_block), torch.minimum(kl, ql)) > 0
+            summary = self._summaries(kf, torch.minimum(kl, ql)) > 0
         else:
             same_block = shared
-            summary = (self._summaries(kf, kl) > 0).expand_as(shared)
+            summary = self._summaries(kf, kl) > 0
         # Full: the keys that are not summaries all sit in the one block that holds every query.
         ordinary = (kl - kf + 1) - self._summaries(kf, kl)
         m = blk(qf)
@@ -305,7 +325,7 @@ class SparseFixed(Mask):
         full = (ordinary == 0) | ((blk(qf) == blk(ql)) & (ordinary_in == ordinary))
         if self.causal:
             full = full & (kl <= qf)
-        return tile_kinds(~(same_block | summary), full)[None, None]
+        return tile_kinds(~(same_block | summary), full)
 
     def __repr__(self):
         return f"sparse_fixed({self.stride}, summary={self.summary}, causal={self.causal})"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .base import Backend
 from .capabilities import Capabilities, reasons
+from .flex import FlexBackend
 from .reference import ReferenceBackend
 from .sdpa import SdpaBackend
 from .tiled import TiledBackend, TileSizes
@@ -21,8 +22,8 @@ def register(backend: Backend) -> None:
     REGISTRY[backend.name] = backend
 
 
-for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), TritonBackend()):
+for _backend in (ReferenceBackend(), TiledBackend(), SdpaBackend(), TritonBackend(), FlexBackend()):
     register(_backend)
 
 __all__ = ["Backend", "Capabilities", "reasons", "REGISTRY", "register", "ReferenceBackend", "TiledBackend", "TileSizes",
-           "SdpaBackend", "TritonBackend"]
+           "SdpaBackend", "TritonBackend", "FlexBackend"]

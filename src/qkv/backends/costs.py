@@ -43,12 +43,12 @@ class Rates:
 RATES = {
     "cpu": Rates(sdpa_score=0.3e-9, sdpa_score_per_dim=0.0083e-9, sdpa_causal_fraction=0.57,
                  sdpa_mask_slowdown=1.5, mask_element=0.8e-9, tiled_score=0.6e-9,
-                 tiled_score_per_dim=0.0102e-9, tiled_partial_score=3e-9, tiled_bias_score=1.0e-9, tiled_step=1.2e-4,
-                 reference_score=10e-9, sdpa_backward=2.6, tiled_backward=3.3),
+                 tiled_score_per_dim=0.0102e-9, tiled_partial_score=3e-9, tiled_bias_score=1.0e-9,
+                 tiled_step=1.2e-4, reference_score=10e-9, sdpa_backward=2.6, tiled_backward=3.3),
     "cuda": Rates(sdpa_score=2e-13, sdpa_score_per_dim=2e-15, sdpa_causal_fraction=0.55,
                   sdpa_mask_slowdown=2.0, mask_element=5e-13, tiled_score=2e-12, tiled_score_per_dim=4e-15,
-                  tiled_partial_score=2e-12, tiled_bias_score=2e-12, tiled_step=2e-4, reference_score=5e-12, sdpa_backward=2.5,
-                  tiled_backward=3.0),
+                  tiled_partial_score=2e-12, tiled_bias_score=2e-12, tiled_step=2e-4, reference_score=5e-12,
+                  sdpa_backward=2.5, tiled_backward=3.0),
 }
 
 

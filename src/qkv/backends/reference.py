@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .. import dropout as _dropout
 from ..problem import Problem
+from .. import scoring
 from . import costs
 from .capabilities import Capabilities, reasons
 
@@ -20,14 +21,7 @@ def hidden_entries(problem: Problem) -> Tensor | None:
     """Bool ``(B|1, Hq|1, Nq, Nk)``: True where the mask (a bool mask, or ``-inf`` in a float mask)
     hides the key from the query; None when nothing is hidden."""
     p = problem
-    hidden = None
-    if p.mask is not None:
-        b, h, qi, ki = p.positions.grid(p.batch, p.q_heads, p.index_device)
-        hidden = ~p.mask.allowed(b, h, qi, ki)
-    if p.bias is not None:
-        minus_inf = p.bias == float("-inf")
-        hidden = minus_inf if hidden is None else hidden | minus_inf
-    return hidden
+    return scoring.hidden_entries(p, *p.positions.grid(p.batch, p.q_heads, p.index_device), bias=p.bias)
 
 
 def scores(problem: Problem, hidden: Tensor | None = None, k: Tensor | None = None) -> Tensor:
@@ -41,14 +35,7 @@ def scores(problem: Problem, hidden: Tensor | None = None, k: Tensor | None = No
     q = p.q.to(dtype)
     k = (p.k if k is None else k).to(dtype).repeat_interleave(p.group, dim=1)
     s = torch.matmul(q, k.transpose(-1, -2)) * p.scale
-    b, h, qi, ki = p.positions.grid(p.batch, p.q_heads, p.index_device)
-    if p.score_mod is not None:
-        s = p.score_mod(s, b, h, qi, ki)
-    if p.bias is not None:
-        s = s + p.bias.to(dtype)
-    if hidden is not None:
-        s = s.masked_fill(hidden, float("-inf"))
-    return s
+    return scoring.score_tile(p, s, *p.positions.grid(p.batch, p.q_heads, p.index_device), bias=p.bias, hide=hidden)
 
 
 def visible_keys_only(problem: Problem, hidden: Tensor | None) -> tuple[Tensor, Tensor]:

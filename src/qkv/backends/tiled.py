@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .. import dropout as _dropout
+from .. import scoring
 from ..layout import plan_runs  # noqa: F401  (re-exported: qkv.backends.tiled.plan_runs)
 from ..problem import Problem
 from . import costs
@@ -129,14 +130,12 @@ class _Tiling:
         nothing is hidden. Keys that a ``-inf`` bias hides from every query are zeroed once for the
         whole call (:func:`keys_seen_through_bias`)."""
         p = self.problem
-        hide = None
-        if partial:
-            h, qpos, _ = self.query_index(r0, r1)
-            kpos = self.key_positions(c0, c1)
-            hide = ~p.mask.allowed(self.b_idx, h, qpos, kpos)
-        if self.bias5 is not None and p.score_mod is not None:  # else s + (-inf) is -inf already
-            minus_inf = self.bias_tile(r0, r1, c0, c1) == NEG_INF
-            hide = minus_inf if hide is None else hide | minus_inf
+        with_bias = self.bias5 is not None and p.score_mod is not None  # else s + (-inf) is -inf already
+        if not partial and not with_bias:
+            return None, None
+        h, qpos, _ = self.query_index(r0, r1)
+        bias = self.bias_tile(r0, r1, c0, c1) if with_bias else None
+        hide = scoring.hidden_entries(p, self.b_idx, h, qpos, self.key_positions(c0, c1), bias, masked=partial)
         if hide is None:
             return None, None
         return hide, ~hide.all(dim=-2, keepdim=True).transpose(-1, -2)
@@ -153,15 +152,8 @@ class _Tiling:
         if p.score_mod is None and self.bias5 is None and hide is None:
             return s
         h, qpos, _ = self.query_index(r0, r1)
-        kpos = self.key_positions(c0, c1)
-        if p.score_mod is not None:
-            tensors = p.score_mod.tensors if mod_tensors is None else mod_tensors
-            s = p.score_mod.apply(tensors, s, self.b_idx, h, qpos, kpos)
-        if self.bias5 is not None:
-            s = s + self.bias_tile(r0, r1, c0, c1).to(s.dtype)
-        if hide is not None:
-            s = s.masked_fill(hide, NEG_INF)
-        return s
+        bias = None if self.bias5 is None else self.bias_tile(r0, r1, c0, c1)
+        return scoring.score_tile(p, s, self.b_idx, h, qpos, self.key_positions(c0, c1), bias, hide, mod_tensors)
 
     def dropout_scale(self, r0: int, r1: int, c0: int, c1: int) -> Tensor:
         """Keep-mask times ``1 / (1 - p)`` for stacked rows ``r0:r1`` and keys ``c0:c1``."""
@@ -198,28 +190,17 @@ def _forward(t: _Tiling, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tenso
             continue
         r0, r1 = t.rows(i)
         qi = t.stack_rows(q, r0, r1) * p.scale
-        m = torch.full((*qi.shape[:-1], 1), NEG_INF, dtype=t.cdt, device=p.device)
-        l = torch.zeros_like(m)
+        state = scoring.OnlineSoftmax(qi.shape[:-1], t.cdt, p.device)
         acc = torch.zeros(*qi.shape[:-1], p.v_dim, dtype=t.cdt, device=p.device)
         for c0, c1, partial in runs:
             hide, seen = t.hidden(r0, r1, c0, c1, partial)
             kj, vj = t.visible_only(k[:, :, c0:c1], seen), t.visible_only(v[:, :, c0:c1], seen)
-            s = t.modified_scores(qi @ kj.transpose(-1, -2), r0, r1, c0, c1, hide)
-            m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-            m_safe = m_new.masked_fill(m_new == NEG_INF, 0.0)
-            probs = s.sub_(m_safe).exp_()
-            alpha = torch.exp(m - m_safe)
-            l = l * alpha + probs.sum(dim=-1, keepdim=True)
+            probs, alpha = state.step(t.modified_scores(qi @ kj.transpose(-1, -2), r0, r1, c0, c1, hide))
             if p.dropout_p > 0:
                 probs = probs * t.dropout_scale(r0, r1, c0, c1)
             acc.mul_(alpha).add_(probs @ vj)
-            m = m_new
-        seen = l != 0  # NaN counts as seen: NaN that reached a visible score propagates
-        o = torch.where(seen, acc / torch.where(seen, l, torch.ones_like(l)), torch.zeros_like(acc))
-        m_safe = m.masked_fill(m == NEG_INF, 0.0)
-        row_lse = torch.where(seen, m_safe + torch.log(torch.where(seen, l, torch.ones_like(l))), m)
-        out[:, :, r0:r1] = t.unstack_rows(o, r0, r1).to(p.dtype)
-        lse[:, :, r0:r1] = t.unstack_rows(row_lse, r0, r1).squeeze(-1)
+        out[:, :, r0:r1] = t.unstack_rows(state.normalise(acc), r0, r1).to(p.dtype)
+        lse[:, :, r0:r1] = t.unstack_rows(state.lse(), r0, r1).squeeze(-1)
     return out, lse
 
 
@@ -244,7 +225,7 @@ def _backward(t: _Tiling, q, k, v, out, lse, dout, dlse, needs):
         do = t.stack_rows(dout, r0, r1)
         o = t.stack_rows(out, r0, r1)
         li = t.stack_rows(lse.unsqueeze(-1), r0, r1)
-        li = li.masked_fill(li == NEG_INF, float("inf"))  # rows that saw nothing: P = 0
+        li = scoring.safe_lse(li)  # rows that saw nothing: P = 0
         delta = (do * o).sum(dim=-1, keepdim=True)
         if dlse is not None:
             delta = delta - t.stack_rows(dlse.unsqueeze(-1), r0, r1)

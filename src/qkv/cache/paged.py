@@ -221,8 +221,8 @@ class PagedBatch(KVCacheBase):
             ref = open_steps.get(seq)
             other = None if ref is None else ref()
             if other is not None and other is not self and other._step is not None:
-                raise RuntimeError(f"sequence {seq} has a step open in another batch (seqs {other.seqs}): commit it, or "
-                                   "call abort() on it, before starting another step on that sequence (two open "
+                raise RuntimeError(f"sequence {seq} has a step open in another batch (seqs {other.seqs}): commit "
+                                   "it, or call abort() on it, before starting another step on that sequence (two open "
                                    "steps would write the same slots). Nothing was changed")
         me = weakref.ref(self)
         for seq in self.seqs:

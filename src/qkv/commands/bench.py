@@ -3,8 +3,10 @@
 Prints the table the README shows (best of ``--repeat`` runs, milliseconds; ``auto picks`` and
 ``picked/best`` say whether the dispatcher chose well; ``sdpa/tiled`` is tiled's speed-up) and,
 below it, each timing's spread over the runs (min / median / max), which says how far the ratios
-can be trusted on a busy machine. ``--flex`` adds compiled FlexAttention (the README's ``flex``
-column); ``--json`` writes every run's time with device, versions and date.
+can be trusted on a busy machine. The ``flex`` backend (FlexAttention through qkv) compiles once per
+mask kind, on its first row; the count is printed. ``--flex`` adds FlexAttention called directly
+(``flex_direct``, its own ``create_block_mask``); ``--json`` writes every run's time with device,
+versions and date.
 
 Adding an option: put it in :func:`add_arguments` (in its group) and use it in :func:`run`;
 checks go in :func:`check_options`, which runs before anything is timed.
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"qkv backends to time, of {', '.join(REGISTRY)}")
     timing.add_argument("--repeat", type=int, default=3, help="timed runs per problem (the table shows the best)")
     timing.add_argument("--flex", action="store_true",
-                        help="also time compiled FlexAttention (compiles once per shape: slow; default: off)")
+                        help="also time FlexAttention called directly (flex_direct: its own create_block_mask, "
+                             "compiled once per shape: slow; default: off)")
     timing.add_argument("--json", metavar="PATH", help="write every run's time with device, versions and date "
                                                        "(default: none)")
     bench_scaling.add_arguments(parser)
@@ -97,12 +100,14 @@ def run(args: argparse.Namespace) -> int:
 
 def report(rows: list[bench.Row], args: argparse.Namespace) -> None:
     """The timing table, the spread table and the reasons a backend did not run."""
-    columns = [c for c in (*args.backends, "flex") if any(r.times.get(c) is not None for r in rows)]
+    columns = [c for c in (*args.backends, "flex_direct") if any(r.times.get(c) is not None for r in rows)]
     print()
     print(bench.format_table(rows, columns))
     print(f"\nspread over the {args.repeat} timed runs, milliseconds min / median / max "
           "(auto is the backend it picks):")
     print(bench.format_spread(rows, columns))
+    if rows and rows[-1].flex_compiles is not None:
+        print(f"\nflex compiles: {rows[-1].flex_compiles} (one per kind of problem; new lengths, windows, ids reuse them)")
     notes = sorted({f"{name}: {why}" for r in rows for name, why in r.notes.items()})
     if notes:
         print("\nnot run: " + "\n         ".join(notes))

@@ -10,7 +10,7 @@ import torch
 
 from qkv.models import corpus, gpt
 
-from .usage import UsageError, existing_dir, positive
+from .usage import UsageError, positive, trained_checkpoint
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.prompt:
         raise UsageError("--prompt must not be empty")
-    existing_dir("--checkpoint", args.checkpoint, needs=gpt.CONFIG,
-                 hint=" (train a model first: qkv train, or pass --checkpoint DIR)")
+    trained_checkpoint("--checkpoint", args.checkpoint, hint=" (train a model first: qkv train, or pass --checkpoint DIR)")
     model = gpt.load_model_from(args.checkpoint)
     prompt = corpus.encode(args.prompt)[None]
     sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import shutil
 from pathlib import Path
 
 from qkv.models import corpus, gpt
 from qkv.models.training import TrainSettings, train
 from qkv.nn.transformer import DecoderConfig
 
-from .usage import UsageError, existing_dir, existing_file, positive
+from .usage import UsageError, existing_file, positive, trained_checkpoint
 
 DEFAULTS = TrainSettings()
 #: flag -> TrainSettings field, and flag -> model field; a flag left unset keeps the default (or,
@@ -56,7 +57,7 @@ def _check_options(args: argparse.Namespace) -> None:
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
     if args.resume:
-        existing_dir("--out", out, needs=gpt.CONFIG, hint=" to resume (train one first: qkv train --out DIR)")
+        trained_checkpoint("--out", out, hint=" to resume (train one first: qkv train --out DIR)")
     elif out.exists() and not out.is_dir():
         raise UsageError(f"--out must be a directory, but {out} is a file")
     elif out.is_dir() and any(out.iterdir()) and not args.overwrite:
@@ -70,9 +71,13 @@ def run(args: argparse.Namespace) -> int:
     settings_changes, model_changes = _given(args, SETTING_FLAGS), _given(args, MODEL_FLAGS)
     if "dim" in model_changes:  # SwiGLU width ~ 8/3 of the model width, rounded to 32
         model_changes["mlp_dim"] = (model_changes["dim"] * 8 // 3 + 31) // 32 * 32
-    if args.overwrite:
-        for name in (gpt.CONFIG, gpt.WEIGHTS, gpt.TRAINER):
-            (Path(args.out) / name).unlink(missing_ok=True)
+    if args.overwrite:  # the old run's checkpoint goes: its step directories, LATEST, flat files
+        out = Path(args.out)
+        for old in out.glob("step-*"):
+            if old.is_dir():
+                shutil.rmtree(old)
+        for name in (gpt.POINTER, gpt.CONFIG, gpt.WEIGHTS, gpt.TRAINER):
+            (out / name).unlink(missing_ok=True)
     if args.resume:
         meta = gpt.read_meta(args.out)
         saved_settings, saved_model = TrainSettings(**meta["train"]), DecoderConfig(**meta["model"])

@@ -71,6 +71,17 @@ def existing_dir(option: str, path: str | Path | None, *, needs: str | None = No
     return path
 
 
+def trained_checkpoint(option: str, path: str | Path, hint: str) -> Path:
+    """``path`` as a Path if it holds a checkpoint written by ``qkv train`` (its ``LATEST`` step
+    directory, or an older flat checkpoint, with ``config.json``)."""
+    from qkv.models import gpt
+
+    path = existing_dir(option, path, hint=hint)
+    if not (gpt.checkpoint_dir(path) / gpt.CONFIG).is_file():
+        raise UsageError(f"{option}: {path} holds no checkpoint{hint}")
+    return path
+
+
 def positive(option: str, value, *, allow_none: bool = True):
     """``value`` if it is > 0 (or None when ``allow_none``), else :class:`UsageError`."""
     if value is None and allow_none:

@@ -27,12 +27,10 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .. import scoring
 from ..layout import plan_runs
 from ..problem import Problem, make_problem
 from ..validate import positive_int
-
-NEG_INF = float("-inf")
-
 
 def attention_rows(q: Tensor, k: Tensor, mask=None, *, rows, heads=None, scale: float | None = None,
                    score_mod=None, lse: Tensor | None = None, chunk: int = 4096) -> Tensor:
@@ -70,7 +68,7 @@ def attention_rows(q: Tensor, k: Tensor, mask=None, *, rows, heads=None, scale: 
         row_lse = torch.logsumexp(weights, dim=-1, keepdim=True)
     else:
         row_lse = given_lse.index_select(1, head_index.to(problem.device))[:, :, row_index.to(problem.device), None]
-    return weights.sub_(_safe_lse(row_lse)).exp_()
+    return weights.sub_(scoring.safe_lse(row_lse)).exp_()
 
 
 def pooled_attention_map(q: Tensor, k: Tensor, mask=None, *, block: int | tuple[int, int] = 128,
@@ -124,7 +122,7 @@ def pooled_attention_map(q: Tensor, k: Tensor, mask=None, *, block: int | tuple[
             row_lse = _streaming_lse(scorer, q_rows, row_index, runs)
         else:
             row_lse = given_lse[:, :, r0:r1, None]
-        row_lse = _safe_lse(row_lse)
+        row_lse = scoring.safe_lse(row_lse)
         for c0, c1, partial in runs:
             probs = scorer.scores(q_rows, row_index, c0, c1, masked=partial).sub_(row_lse).exp_()
             j0 = c0 // block_k
@@ -170,13 +168,9 @@ class _Scorer:
             return s
         q_pos = p.positions.queries(rows.view(1, 1, -1, 1))
         k_pos = p.positions.keys(torch.arange(c0, c1, device=p.index_device).view(1, 1, 1, -1))
-        if p.score_mod is not None:
-            s = p.score_mod(s, self.b, self.h, q_pos, k_pos)
-        if self.bias is not None:
-            s = s + self._bias_tile(rows, c0, c1).to(s.dtype)
-        if p.mask is not None and masked:
-            s = s.masked_fill(~p.mask.allowed(self.b, self.h, q_pos, k_pos), NEG_INF)
-        return s
+        hide = scoring.hidden_entries(p, self.b, self.h, q_pos, k_pos, masked=masked)
+        bias = None if self.bias is None else self._bias_tile(rows, c0, c1)
+        return scoring.score_tile(p, s, self.b, self.h, q_pos, k_pos, bias, hide)
 
     def _bias_tile(self, rows: Tensor, c0: int, c1: int) -> Tensor:
         bias = self.bias
@@ -187,16 +181,10 @@ class _Scorer:
 
 def _streaming_lse(scorer: _Scorer, q_rows: Tensor, rows: Tensor, runs) -> Tensor:
     """``(B, H, R, 1)`` log-sum-exp of the rows' scores over the planned key runs (online max/sum)."""
-    shape = (*q_rows.shape[:-1], 1)
-    m = torch.full(shape, NEG_INF, dtype=scorer.cdt, device=q_rows.device)
-    total = torch.zeros(shape, dtype=scorer.cdt, device=q_rows.device)
+    state = scoring.OnlineSoftmax(q_rows.shape[:-1], scorer.cdt, q_rows.device)
     for c0, c1, partial in runs:
-        s = scorer.scores(q_rows, rows, c0, c1, masked=partial)
-        m_new = torch.maximum(m, s.amax(dim=-1, keepdim=True))
-        shift = _finite_or_zero(m_new)
-        total = total * torch.exp(m - shift) + s.sub_(shift).exp_().sum(dim=-1, keepdim=True)
-        m = m_new
-    return torch.where(total > 0, torch.log(total) + _finite_or_zero(m), torch.full_like(m, NEG_INF))
+        state.step(scorer.scores(q_rows, rows, c0, c1, masked=partial))
+    return state.lse()
 
 
 def _pool_tiles(probs: Tensor, block_k: int, reduce: str) -> Tensor:
@@ -211,15 +199,6 @@ def _pool_tiles(probs: Tensor, block_k: int, reduce: str) -> Tensor:
         return grouped.amax(dim=(-3, -1))
     widths = torch.clamp(cols - torch.arange(tiles, device=probs.device) * block_k, max=block_k)
     return grouped.sum(dim=(-3, -1)) / (rows * widths).to(probs.dtype)
-
-
-def _safe_lse(lse: Tensor) -> Tensor:
-    """Rows that see nothing have ``lse = -inf``; use ``+inf`` so that ``exp(s - lse)`` is 0, not NaN."""
-    return lse.masked_fill(lse == NEG_INF, float("inf"))
-
-
-def _finite_or_zero(x: Tensor) -> Tensor:
-    return x.masked_fill(~torch.isfinite(x), 0.0)
 
 
 def _ceil_div(a: int, b: int) -> int:

@@ -61,6 +61,12 @@ def checkpoint_dir(directory: str | Path) -> Path:
     return target
 
 
+def checkpoint_marker(directory: str | Path | None) -> str:
+    """The file whose presence makes ``directory`` a checkpoint: ``LATEST``, or ``config.json`` for
+    a step directory or an older flat checkpoint (what the CLI checks before loading)."""
+    return POINTER if directory is not None and (Path(directory) / POINTER).is_file() else CONFIG
+
+
 def _write_durably(path: Path, data: bytes) -> None:
     """Write ``data`` to a new file ``path`` and flush it to the disk."""
     with open(path, "wb") as f:

@@ -376,7 +376,7 @@ class _Ring:
         total = own
         if plan.reach[r] > 0:
             ring.wait(coming_home)
-            total = back if total is None else total + back
+            total = back if total is None else total.add_(back)
         for pending in sends:
             ring.wait(pending)
         if total is None:

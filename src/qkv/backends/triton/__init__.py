@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ...problem import Problem
+from ..capabilities import Capabilities, reasons
 from .configs import interpreting
 from .programs import mask_program, score_program
 
@@ -39,42 +40,35 @@ class TritonBackend:
 
     name = "triton"
 
+    @property
+    def capabilities(self) -> Capabilities:
+        """CUDA devices (and the CPU under ``TRITON_INTERPRET=1``), float32/bf16/fp16, head dims up
+        to 512 (256 with gradients: checked in :meth:`unsupported`), no bias tensors."""
+        return Capabilities(
+            dtypes=(torch.float32, torch.bfloat16, torch.float16),
+            devices=("cuda", "cpu") if interpreting() else ("cuda",),
+            head_dims=(1, MAX_HEAD_DIM_FORWARD), bias=False,
+            why={"device": "Triton kernels run on CUDA devices (on CPU only under TRITON_INTERPRET=1)",
+                 "bias": "an additive bias tensor is not applied in-kernel; use a bool mask or a score_mod"})
+
     def unsupported(self, problem: Problem) -> list[str]:
         p = problem
-        reasons = []
         if not triton_available():
             return ["Triton is not installed (pip install 'qkv[triton]')"]
-        if p.device.type != "cuda" and not (p.device.type == "cpu" and interpreting()):
-            reasons.append(f"needs a CUDA device, got {p.device.type} (on CPU only under TRITON_INTERPRET=1)")
-        if p.dtype == torch.float64:
-            reasons.append("float64 is not supported (float32, bfloat16, float16)")
+        out = reasons(self.capabilities, p)
         dims = max(p.head_dim, p.v_dim)
-        if dims > MAX_HEAD_DIM_FORWARD:
-            reasons.append(f"head dims up to {MAX_HEAD_DIM_FORWARD}, got {dims}")
-        elif dims > MAX_HEAD_DIM_BACKWARD and p.requires_grad:
-            reasons.append(f"gradients for head dims up to {MAX_HEAD_DIM_BACKWARD}, got {dims} (forward "
-                           f"serves up to {MAX_HEAD_DIM_FORWARD})")
-        if p.bias is not None:
-            reasons.append("an additive float mask (bias tensor) is not applied in-kernel; use a bool mask "
-                           "or a score_mod")
+        if MAX_HEAD_DIM_BACKWARD < dims <= MAX_HEAD_DIM_FORWARD and p.requires_grad:
+            out.append(f"backward: gradients for head dims up to {MAX_HEAD_DIM_BACKWARD}, got {dims} (forward "
+                       f"serves up to {MAX_HEAD_DIM_FORWARD})")
         prog = score_program(p.score_mod)
         if isinstance(prog, str):
-            reasons.append(prog)
-        return reasons
+            out.append(prog)
+        return out
 
     def estimate(self, problem: Problem) -> float:
-        p = problem
-        if p.device.type != "cuda":
+        if problem.device.type != "cuda":
             return 1e9  # the interpreter: forcible for tests, never chosen
-        block_q, block_k = 128, 64
-        kinds = p.block_kinds(block_q, block_k)
-        tile = min(block_q, p.nq) * min(block_k, p.nk) * p.batch * p.q_heads
-        visited = int((kinds > 0).sum()) * tile
-        partial = int((kinds == 1).sum()) * tile
-        kv_bytes = p.batch * p.kv_heads * p.nk * (p.head_dim + p.v_dim) * p.k.element_size()
-        t = (visited * (_SCORE + _SCORE_PER_DIM * (p.head_dim + p.v_dim)) + partial * _PARTIAL_SCORE + _LAUNCH
-             + kv_bytes / _BYTES_PER_SECOND)
-        return t * (1 + _BACKWARD) if p.requires_grad else t
+        return cuda_estimate(problem)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
         from .launch import Launch, TritonAttention
@@ -90,6 +84,22 @@ class TritonBackend:
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.q, p.k, p.v))
         mods = p.score_mod.tensors if p.score_mod is not None else ()
         return TritonAttention.apply(launch, q, k, v, *mods)
+
+
+def cuda_estimate(problem: Problem) -> float:
+    """Guessed seconds on a Hopper GPU (see the rates above): the tiles the kernels visit per batch
+    element and head, extra for partial tiles, plus reading K and V once."""
+    p = problem
+    block_q, block_k = 128, 64
+    kinds = p.layout(block_q, block_k).kinds  # per batch element and head: what the kernels walk
+    spread = (p.batch // kinds.shape[0]) * (p.q_heads // kinds.shape[1])
+    tile = min(block_q, p.nq) * min(block_k, p.nk) * spread
+    visited = int((kinds > 0).sum()) * tile
+    partial = int((kinds == 1).sum()) * tile
+    kv_bytes = p.batch * p.kv_heads * p.nk * (p.head_dim + p.v_dim) * p.k.element_size()
+    t = (visited * (_SCORE + _SCORE_PER_DIM * (p.head_dim + p.v_dim)) + partial * _PARTIAL_SCORE + _LAUNCH
+         + kv_bytes / _BYTES_PER_SECOND)
+    return t * (1 + _BACKWARD) if p.requires_grad else t
 
 
 def paged_attention(*args, **kwargs):

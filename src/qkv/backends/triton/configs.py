@@ -30,10 +30,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def candidates(direction: str, head_dim: int) -> list[Config]:
-    """Candidate configurations (the largest head dim of q/k and v decides)."""
+def candidates(direction: str, head_dim: int, float32: bool = False) -> list[Config]:
+    """Candidate configurations (the largest head dim of q/k and v decides). float32 inputs take
+    IEEE-precision dots, which need far more registers per tile: smaller tiles."""
     if interpreting():
         return [INTERPRETER]
+    if float32:
+        if direction == "fwd" and head_dim <= 64:
+            return [Config(64, 32, 4, 2), Config(32, 32, 4, 2), Config(64, 64, 8, 2)]
+        return [Config(32, 32, 4, 1), Config(64, 32, 8, 1), Config(32, 16, 4, 1)]
     if direction == "fwd":
         if head_dim <= 64:
             return [Config(128, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 3)]
@@ -60,14 +65,14 @@ def pick(key: tuple, options: list[Config], run: Callable[[Config], None]) -> Co
         return _CACHE[key]
     from triton.testing import do_bench
 
-    times = {}
+    times, error = {}, None
     for cfg in options:
         try:
             times[cfg] = do_bench(lambda: run(cfg), warmup=3, rep=10)
-        except Exception:  # e.g. out of shared memory for this tile size on this device
-            continue
+        except Exception as err:  # e.g. out of shared memory for this tile size on this device
+            error = err
     if not times:
-        raise RuntimeError(f"triton backend: no tile configuration compiled for {key}")
+        raise RuntimeError(f"triton backend: no tile configuration ran for {key}") from error
     _CACHE[key] = best = min(times, key=times.get)
     return best
 

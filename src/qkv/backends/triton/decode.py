@@ -51,15 +51,16 @@ def _splits(batch_heads: int, key_tiles: int, device: torch.device) -> int:
     return max(1, min(key_tiles, math.ceil(2 * sms / batch_heads)))
 
 
-def _block_n(head_dim: int) -> int:
+def _block_n(head_dim: int, dtype: torch.dtype) -> int:
+    """Keys per tile: 64, or 32 for wide heads and for float32 (IEEE dots need more registers)."""
     if configs.interpreting():
         return 16
-    return 64 if head_dim <= 128 else 32
+    return 64 if head_dim <= 128 and dtype != torch.float32 else 32
 
 
 def _launch(p: Problem, mask, score, k, v, qoff, koff, klen, block_table, page_size, kinds, num_splits):
     B, Hq, Hkv, G, Nq = p.batch, p.q_heads, p.kv_heads, p.group, p.nq
-    block_n = _block_n(max(p.head_dim, p.v_dim))
+    block_n = _block_n(max(p.head_dim, p.v_dim), p.dtype)
     max_len = int(klen.max()) if klen.numel() else 0
     key_tiles = max(1, -(-max_len // block_n))
     splits = num_splits or _splits(B * Hkv, key_tiles, p.device)
@@ -109,7 +110,7 @@ def decode_problem(p: Problem, mask, score, num_splits: int | None = None) -> tu
     klen = torch.full((p.batch,), p.nk, dtype=torch.int32, device=p.device)
     kinds = None
     if p.mask is not None:  # skip key tiles that no query head of a batch element sees
-        block_n = _block_n(max(p.head_dim, p.v_dim))
+        block_n = _block_n(max(p.head_dim, p.v_dim), p.dtype)
         per = tile_kinds(p, p.nq, block_n)  # (B|1, H|1, 1, nKB)
         kinds = (per.amax(dim=(1, 2)) != EMPTY).to(torch.int8).contiguous()
     k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (p.k, p.v))

@@ -184,7 +184,8 @@ def _scores(qk, scale, b, h, rows, cols, qpos, kpos, Nk, tile_id,
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, kj, K_head, V_head, skn, svn, scale, b, h, bh, rows, qpos, koff, Nk, D: tl.constexpr, Dv: tl.constexpr,
+def _fwd_tile(acc, m_i, l_i, q, kj, K_head, V_head, skn, svn, scale, b, h, bh, rows, qpos, koff, Nk,
+              D: tl.constexpr, Dv: tl.constexpr,
               tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE, table_sh, max_dist,
               seed, threshold, inv_keep,
               PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
@@ -287,7 +288,8 @@ def _fwd_kernel(Q, K, V, O, LSE, QOFF, KOFF,
 
 @triton.jit
 def _dq_tile(dq, dslope, dtab, q, do, lse, delta, kj, K_head, V_head, skn, svn, scale, b, h, bh, rows, qpos, koff,
-             Nk, D: tl.constexpr, Dv: tl.constexpr, tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE, table_sh, max_dist,
+             Nk, D: tl.constexpr, Dv: tl.constexpr, tile_row, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE,
+             table_sh, max_dist,
              seed, threshold, inv_keep,
              PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
              BD: tl.constexpr, BDV: tl.constexpr, WP: tl.constexpr,
@@ -408,8 +410,8 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QOFF, KOFF, DSLOPE, DTAB,
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdom, scale, b, h, bh, cols, kpos,
-               qoff, Nq, Nk, D: tl.constexpr, Dv: tl.constexpr, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth, SLOPES, cap, TABLE, table_sh,
-               max_dist, seed, threshold, inv_keep,
+               qoff, Nq, Nk, D: tl.constexpr, Dv: tl.constexpr, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth,
+               SLOPES, cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep,
                PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                BD: tl.constexpr, BDV: tl.constexpr,
                MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,

@@ -114,7 +114,7 @@ class Launch:
         out = torch.empty(p.batch, p.q_heads, p.nq, p.v_dim, dtype=p.dtype, device=p.device)
         lse = torch.empty(p.batch, p.q_heads, p.nq, dtype=torch.float32, device=p.device)
         run = lambda cfg: self._forward(cfg, q, k, v, out, lse)  # noqa: E731
-        cfg = configs.pick(self.key("fwd"), configs.candidates("fwd", max(p.head_dim, p.v_dim)), run)
+        cfg = configs.pick(self.key("fwd"), configs.candidates("fwd", max(p.head_dim, p.v_dim), p.dtype == torch.float32), run)
         run(cfg)
         return out, lse
 
@@ -160,7 +160,7 @@ class Launch:
                 *dv.stride()[:3], *t.list_args(t.by_key, p.batch, p.q_heads), *self.common(t),
                 p.q_heads, p.kv_heads, p.group, p.nq, p.nk, t.nqb, t.nkb, p.head_dim, p.v_dim, p.scale, **const)
 
-        cfg = configs.pick(self.key("bwd"), configs.candidates("bwd", max(p.head_dim, p.v_dim)), run)
+        cfg = configs.pick(self.key("bwd"), configs.candidates("bwd", max(p.head_dim, p.v_dim), p.dtype == torch.float32), run)
         run(cfg)
         dslopes = dtable = None
         if want_slopes:

@@ -1,0 +1,196 @@
+"""The ``flex`` backend (FlexAttention fed by qkv's block view) against the float64 reference.
+
+Most cases run Flex's unfused path (``FlexBackend(compiled=False)``: the same mask_mod, score_mod
+and BlockMask, Flex's own math, float64 included); one compiled kind on CPU checks the compiled
+kernel and that changing window sizes, lengths, document ids, prefix lengths, batch and sequence
+length does not recompile. Flex has no backward on CPU, so gradient cases run on CUDA only.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import qkv
+from qkv.backends import REGISTRY, FlexBackend, flex
+from qkv.masks import FULL, PARTIAL
+from qkv.problem import make_problem
+from tests.strategies import cases
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward and Triton kernels need CUDA")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def unfused_flex():
+    REGISTRY["flex_unfused"] = FlexBackend(compiled=False, name="flex_unfused")
+    yield
+    REGISTRY.pop("flex_unfused", None)
+
+
+def close(got, want, tol, what):
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    same_inf = torch.isinf(got) & (got == want)
+    assert not torch.isnan(got).any(), f"{what}: NaN"
+    diff = torch.where(same_inf, 0.0, (got.double() - want.double()).abs())
+    assert diff.numel() == 0 or diff.max().item() <= tol, f"{what}: max diff {diff.max().item():.3g}"
+
+
+@settings(max_examples=20)
+@given(case=cases(grad=False), return_lse=st.booleans())
+def test_unfused_flex_matches_reference_on_every_mask_and_score_mod(case, return_lse):
+    """All masks and compositions, score mods, bias, GQA, Nq != Nk, Dv != D, empty rows, lse."""
+    kw = dict(case.kwargs, return_lse=return_lse)
+    want = qkv.attention(case.q, case.k, case.v, **kw, backend="reference")
+    got = qkv.attention(case.q, case.k, case.v, **kw, backend="flex_unfused")
+    if return_lse:
+        close(got[0], want[0], 1e-9, f"out [{case.label}]")
+        close(got[1], want[1], 1e-9, f"lse [{case.label}]")
+        assert got[1].dtype == want[1].dtype
+    else:
+        close(got, want, 1e-9, f"out [{case.label}]")
+
+
+@settings(max_examples=10)
+@given(case=cases(grad=False, mask_kinds=["causal", "window", "padding", "prefix", "global", "function"]),
+       q_shift=st.integers(-3, 20), k_offset=st.integers(0, 9), per_batch=st.booleans())
+def test_unfused_flex_with_explicit_positions(case, q_shift, k_offset, per_batch):
+    """Explicit q_offset / k_offset (ints or per batch element) reach mask_mod and score_mod."""
+    batch = case.q.shape[0]
+    q_off = k_offset + q_shift
+    if per_batch:
+        q_off, k_offset = torch.arange(batch) + q_off, torch.arange(batch) * 2 + k_offset
+    kw = dict(case.kwargs, q_offset=q_off, k_offset=k_offset, return_lse=True)
+    want = qkv.attention(case.q, case.k, case.v, **kw, backend="reference")
+    got = qkv.attention(case.q, case.k, case.v, **kw, backend="flex_unfused")
+    close(got[0], want[0], 1e-9, f"out [{case.label}]")
+    close(got[1], want[1], 1e-9, f"lse [{case.label}]")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_plain_math(dtype):
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 4, 150, 32, generator=g) for _ in range(3))
+    for mask, mod in ((qkv.sliding_window(20), None), (qkv.document(torch.arange(150) // 40, causal=True),
+                                                         qkv.scores.alibi(4))):
+        want = qkv.attention(q.double(), k.double(), v.double(), mask, score_mod=mod, backend="reference")
+        plain = qkv.attention(*(t.to(dtype) for t in (q, k, v)), mask, score_mod=mod, backend="reference")
+        exact = want.to(dtype)  # what the dtype can hold
+        got = qkv.attention(*(t.to(dtype) for t in (q, k, v)), mask, score_mod=mod, backend="flex_unfused")
+        assert got.dtype == dtype
+        err, base = (got.double() - want).abs().max(), (plain.double() - want).abs().max()
+        assert err <= 2 * base + 2 * (exact.double() - want).abs().max(), f"{dtype} {mask!r}: {err:.3g} vs {base:.3g}"
+
+
+def test_block_mask_is_qkv_block_view_per_batch():
+    """Per-batch lengths give per-batch block lists; tiles in from_kv_blocks order."""
+    q = torch.randn(2, 2, 300, 16)
+    problem = make_problem(q, q, q, qkv.key_padding(torch.tensor([100, 300])) & qkv.causal())
+    blocks = flex.kv_blocks(problem)
+    assert blocks.kv_num_blocks.shape == (2, 1, 3) and blocks.kv_indices.shape == (2, 1, 3, 3)
+    # batch 0: keys < 100 only, so every query tile sees key tile 0, partially (padding or diagonal)
+    assert blocks.kv_num_blocks[0, 0].tolist() == [1, 1, 1] and blocks.full_kv_num_blocks[0, 0].tolist() == [0, 0, 0]
+    # batch 1: causal, diagonal tiles partial, tiles below full
+    assert blocks.kv_num_blocks[1, 0].tolist() == [1, 1, 1] and blocks.full_kv_num_blocks[1, 0].tolist() == [0, 1, 2]
+    assert blocks.kv_indices[1, 0, :, 0].tolist() == [0, 1, 2]
+    assert blocks.full_kv_indices[1, 0, 2, :2].tolist() == [0, 1]
+    kinds = flex.tile_kinds(problem)
+    assert int((kinds == PARTIAL).sum()) == int(blocks.kv_num_blocks.sum())
+    assert int((kinds == FULL).sum()) == int(blocks.full_kv_num_blocks.sum())
+    dense = flex.block_mask(problem).to_dense()  # Flex's own view of the BlockMask we built
+    assert dense.shape == (2, 1, 3, 3) and dense[0, 0].tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0]]
+
+
+def test_unsupported_reasons_are_in_words():
+    q = torch.randn(1, 2, 64, 16)
+    backend = REGISTRY["flex"]
+    reasons = backend.unsupported(make_problem(q, q, q, dropout_p=0.1))
+    assert any("dropout" in r for r in reasons)
+    reasons = backend.unsupported(make_problem(q.double(), q.double(), q.double(), return_lse=True))
+    assert any("float64" in r for r in reasons) and any("return_lse" in r for r in reasons)
+    qg = q.clone().requires_grad_()
+    assert any("backward on CPU" in r for r in backend.unsupported(make_problem(qg, q, q)))
+    meta = torch.empty(1, 2, 64, 16, device="meta")
+    assert backend.unsupported(make_problem(meta, meta, meta)) == ["meta tensors: nothing to run"]
+
+
+def test_small_calls_never_wait_for_a_compile():
+    before = flex.compile_count()
+    q = torch.randn(1, 12, 128, 32)
+    for _ in range(3):  # a MiniLM-sized layer, and a decode step
+        d = qkv.explain_dispatch(q, q, q, qkv.key_padding(100))
+        assert d.chosen != "flex" and "compile pending" in str(d)
+        qkv.attention(q, q, q, qkv.key_padding(100))
+        qkv.attention(q[:, :, -1:], q, q, qkv.causal())
+    assert flex.compile_count() == before
+
+
+def test_ski_rental_compiles_once_the_savings_cover_the_compile(monkeypatch):
+    """Repeated auto calls that flex would serve faster earn its compile back, then switch."""
+    backend = REGISTRY["flex"]
+    q = torch.randn(1, 1, 64, 16)
+    problem = make_problem(q, q, q, qkv.sliding_window(3))
+    others = {"tiled": 1.0, "flex": backend.estimate(problem)}
+    run = flex.estimate_seconds(problem)
+    monkeypatch.setattr(flex, "_CREDIT", {})
+    compile_s = flex.compile_seconds(problem)
+    calls = 0
+    while backend.rent(problem) > 0:
+        backend.observe(problem, others, "tiled")
+        calls += 1
+    assert calls == int(-(-compile_s // (1.0 - run)))
+
+
+def test_compiled_flex_on_cpu_matches_and_does_not_recompile():
+    """One compiled kind: window, prefix, document ids, key lengths (one of them 0: empty rows),
+    batch and sequence length all change, and the compile count does not move after the first."""
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for n, batch, window, prefix, docs, lengths in [(200, 2, 16, [5, 40], 3, [0, 150]), (333, 2, 50, [100, 0], 5, [333, 9]),
+                                                     (130, 3, 7, [0, 9, 130], 2, [130, 1, 64])]:
+        ids = torch.arange(n) * docs // n
+        mask = ((qkv.sliding_window(window) | qkv.prefix_lm(torch.tensor(prefix)) | qkv.global_tokens([3, n - 9]))
+                & qkv.document(ids) & qkv.key_padding(torch.tensor(lengths)))
+        mod = qkv.scores.alibi(torch.rand(4, generator=g))
+        q, k, v = (torch.randn(batch, 4, n, 32, generator=g) for _ in range(3))
+        got = qkv.attention(q, k[:, :2], v[:, :2], mask, score_mod=mod, backend="flex")
+        want = qkv.attention(q.double(), k[:, :2].double(), v[:, :2].double(), mask, score_mod=mod, backend="reference")
+        close(got, want, 2e-5, f"compiled N={n}")
+        if lengths[0] == 0:
+            assert torch.equal(got[0], torch.zeros_like(got[0]))  # rows that see nothing: zeros
+        counts.append(flex.compile_count())
+    assert counts[1] == counts[0] and counts[2] == counts[0], counts
+
+
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_flex_gradients_including_score_mod_tensors(dtype):
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    table = (torch.randn(4, 33, generator=g) * 0.3).cuda().requires_grad_()
+    masks = [qkv.causal(), qkv.sliding_window(40) | qkv.global_tokens([0, 7]),
+             qkv.document(torch.arange(n) * 3 // n, causal=True) & qkv.key_padding(torch.tensor([0, 250]))]
+    for mask in masks:
+        q, k, v = (torch.randn(2, 4, n, 64, generator=g).cuda() for _ in range(3))
+        k, v = k[:, :2], v[:, :2]
+        inputs = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        ref_inputs = [t.double().requires_grad_() for t in (q, k, v)]
+        mod = qkv.scores.relative_bias(table)
+        out, lse = qkv.attention(*inputs, mask, score_mod=mod, backend="flex", return_lse=True)
+        grads = torch.autograd.grad(out.float().square().sum(), [*inputs, table])
+        table64 = table.detach().double().requires_grad_()
+        ref_out, ref_lse = qkv.attention(*ref_inputs, mask, score_mod=qkv.scores.relative_bias(table64),
+                                         backend="reference", return_lse=True)
+        ref_grads = torch.autograd.grad(ref_out.square().sum(), [*ref_inputs, table64])
+        tol = 2e-4 if dtype == torch.float32 else 5e-2
+        close(out, ref_out, tol, f"{mask!r} out")
+        close(lse, ref_lse, tol, f"{mask!r} lse")
+        for i, (gr, rg) in enumerate(zip(grads, ref_grads)):
+            close(gr, rg, tol * max(1.0, rg.abs().max().item()), f"{mask!r} grad[{i}]")
+
+
+@cuda
+def test_cuda_auto_picks_flex_for_large_masked_problems_once_compiled():
+    q = torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
+    qkv.attention(q, q, q, qkv.sliding_window(256), backend="flex")
+    assert qkv.explain_dispatch(q, q, q, qkv.sliding_window(512)).chosen == "flex"
+    assert qkv.explain_dispatch(q, q, q).chosen == "sdpa"
