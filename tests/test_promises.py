@@ -358,3 +358,20 @@ def test_the_tiled_estimate_charges_float_masks():
     plain = REGISTRY["tiled"].estimate(make_problem(q, q, q))
     biased = REGISTRY["tiled"].estimate(make_problem(q, q, q, torch.empty(4096, 4096, device="meta")))
     assert 1.3 < biased / plain < 1.8
+
+
+def test_flex_keeps_nan_values_at_hidden_keys_out():
+    """Flex multiplies hidden weights (zero) by their values, so the backend must keep NaN/inf
+    values at hidden keys away from the kernel; visible NaN still propagates."""
+    from qkv.backends.flex import FlexBackend
+
+    flex = FlexBackend(compiled=False)
+    q, k, v = randn(2, 2, 20, 16), randn(2, 2, 64, 16), randn(2, 2, 64, 16)
+    k[:, :, 60:], v[:, :, 60:] = NAN, INF
+    v[:, :, 50] = NAN  # hidden for batch 1 (length 40), visible for batch 0
+    mask = qkv.key_padding([60, 40])
+    out, _ = flex.run(make_problem(q, k, v, mask))
+    want = qkv.attention(q, k[:, :, :40], v[:, :, :40], backend="reference")
+    assert bool(torch.isfinite(out[1]).all())
+    torch.testing.assert_close(out[1], want[1], atol=1e-5, rtol=1e-5)
+    assert bool(torch.isnan(out[0]).all())  # a visible NaN value reaches every row of batch 0

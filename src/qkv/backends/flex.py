@@ -449,6 +449,13 @@ class FlexBackend:
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor | None]:
         p = problem
+        if p.mask is not None and not bool(torch.isfinite(p.v).all()):
+            # Flex multiplies every weight of a partial tile by its value, so a NaN/inf value at a
+            # hidden key (garbage in a padded batch or an unused cache slot) would reach the output
+            # as 0 * NaN. The tiled backend keeps such values out (docs/attention.md, Guarantees).
+            from .tiled import TiledBackend
+
+            return TiledBackend().run(p)
         sig = signature(p) if self.compiled else None
         call = _compiled_for(sig) if self.compiled else _call_flex
         if self.compiled:  # sizes vary between calls: no specialisation (0/1 are special anyway)
