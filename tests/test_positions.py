@@ -291,3 +291,12 @@ def test_tile_kinds_are_an_int_enum_with_the_old_names():
     assert issubclass(TileKind, int) and (EMPTY, PARTIAL, FULL) == (0, 1, 2)
     assert EMPTY is TileKind.EMPTY and qkv.masks.FULL is TileKind.FULL
     assert TileKind(1).name == "PARTIAL"
+
+
+def test_built_in_tables_follow_q_through_wrapping_modifiers():
+    q = torch.empty(1, 8, 16, 8, device="meta")
+    slopes = qkv.scores.alibi(8)
+    wrapped = qkv.scores.ScoreMod(lambda s, b, h, qq, kk, t: slopes.fn(s, b, h, qq, kk, t), slopes.tensors)
+    for mod in (wrapped, qkv.scores.chain(slopes, qkv.scores.softcap(5.0))):
+        bound = mod.bind(1, 8, 16, 16, q.device)
+        assert bound.tensors[0].device.type == "meta" and mod.tensors[0].device.type == "cpu"

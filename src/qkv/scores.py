@@ -19,12 +19,17 @@ from __future__ import annotations
 
 import copy
 import math
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from .validate import positive_int
+
+
+#: Tables the built-ins made themselves (ALiBi slopes from a head count): safe to copy to q's device.
+_BUILTIN_CONSTANTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # id -> tensor
 
 
 class ScoreMod:
@@ -41,8 +46,16 @@ class ScoreMod:
             raise TypeError(f"score_mod must be callable, got {type(fn).__name__}")
         self.fn, self.tensors, self.check = fn, tuple(tensors), check
         self.name = name or getattr(fn, "__name__", "score_mod")
-        #: Per tensor: a built-in constant (moved to q's device at bind) rather than a user tensor.
-        self.constants = (bool(constant),) * len(self.tensors)
+        if constant:
+            for t in self.tensors:
+                _BUILTIN_CONSTANTS[id(t)] = t
+
+    @property
+    def constants(self) -> tuple[bool, ...]:
+        """Per tensor: a built-in constant table (moved to q's device at bind) rather than a user
+        tensor. Known by the tensor itself, so modifiers that wrap another's tensors (``chain``,
+        a cache's remapping to true positions) keep it."""
+        return tuple(_BUILTIN_CONSTANTS.get(id(t)) is t for t in self.tensors)
 
     def apply(self, tensors, score: Tensor, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         out = self.fn(score, b, h, q, k, *tensors)
@@ -199,10 +212,8 @@ def chain(*mods: ScoreMod | Callable) -> ScoreMod:
             if p.check is not None:
                 p.check(batch, heads, nq, nk)
 
-    mod = ScoreMod(chained, tuple(t for p in parts for t in p.tensors),
-                   name=" -> ".join(p.name for p in parts), check=check)
-    mod.constants = tuple(c for p in parts for c in p.constants)
-    return mod
+    return ScoreMod(chained, tuple(t for p in parts for t in p.tensors),
+                    name=" -> ".join(p.name for p in parts), check=check)
 
 
 __all__ = ["ScoreMod", "alibi", "alibi_slopes", "softcap", "relative_bias", "chain", "as_score_mod"]
