@@ -178,10 +178,11 @@ def kv_blocks(problem: Problem) -> KvBlocks:
 def block_mask(problem: Problem) -> BlockMask:
     """The problem's ``BlockMask``, built from its block view in ``O(tiles)``."""
     blocks = kv_blocks(problem)
-    for t in (blocks.kv_num_blocks, blocks.full_kv_num_blocks, blocks.kv_indices, blocks.full_kv_indices):
-        _dynamic(t)
+    # Contiguous (the layout may hand out views) and of dynamic size: no guard on strides or sizes.
+    tables = [_dynamic(t.contiguous()) for t in (blocks.kv_num_blocks, blocks.kv_indices,
+                                                  blocks.full_kv_num_blocks, blocks.full_kv_indices)]
     return BlockMask.from_kv_blocks(
-        blocks.kv_num_blocks, blocks.kv_indices, blocks.full_kv_num_blocks, blocks.full_kv_indices,
+        *tables,
         BLOCK_SIZE=BLOCK, mask_mod=mask_mod(problem), seq_lengths=(problem.nq, problem.nk),
         compute_q_blocks=problem.requires_grad)
 
