@@ -76,7 +76,8 @@ def test_sdpa_zeroes_empty_rows_whatever_the_kernel_returns(monkeypatch, dtype, 
     q, k, v = (randn(2, 4, n, 64, dtype=dtype, grad=True) for n in (30, 40, 40))
     mask = qkv.key_padding([0, 25])
     if float_mask:
-        mask = torch.zeros(2, 1, 1, 40, dtype=dtype).masked_fill(torch.arange(40) >= torch.tensor([0, 25])[:, None, None, None], -INF)
+        padded = torch.arange(40) >= torch.tensor([0, 25])[:, None, None, None]
+        mask = torch.zeros(2, 1, 1, 40, dtype=dtype).masked_fill(padded, -INF)
     out = qkv.attention(q, k, v, mask, backend="sdpa")
     expected = qkv.attention(*(t.double() for t in (q, k, v)), mask if not float_mask else mask.double(),
                              backend="reference")
@@ -218,7 +219,8 @@ def test_nan_reaching_a_visible_score_is_nan_on_every_backend(dtype, n):
     empty = torch.zeros(2, n, dtype=torch.bool)
     empty[:, 6] = True
     for backend in BACKENDS:
-        for args, rows, zero in (((bad_q, k, v, qkv.causal()), poisoned_q, None), ((q, k, v, bias), poisoned_bias, empty)):
+        for args, rows, zero in (((bad_q, k, v, qkv.causal()), poisoned_q, None),
+                                 ((q, k, v, bias), poisoned_bias, empty)):
             out = qkv.attention(*args, backend=backend)[0]
             assert bool(out[rows].isnan().all()), backend
             finite = ~rows if zero is None else ~rows & ~zero

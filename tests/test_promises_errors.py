@@ -25,7 +25,8 @@ def qkv_(nq=6, nk=6, heads=2):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_from_function_must_return_bool_of_the_right_shape(backend):
     q, k, v = qkv_()
-    with pytest.raises(TypeError, match=r"from_function\(as_float\): fn must return a bool tensor .* got torch.float32"):
+    with pytest.raises(TypeError, match=r"from_function\(as_float\): fn must return a bool tensor .* "
+                                        r"got torch.float32"):
         qkv.attention(q, k, v, qkv.from_function(lambda b, h, q, k: (q - k).float(), "as_float"), backend=backend)
     with pytest.raises(TypeError, match="from_function.*got int"):
         qkv.attention(q, k, v, qkv.from_function(lambda b, h, q, k: 1), backend=backend)

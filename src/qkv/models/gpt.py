@@ -163,7 +163,8 @@ def read_meta(directory: str | Path) -> dict:
     """``config.json`` of the checkpoint in ``directory``, checked (errors name the file)."""
     path = checkpoint_dir(directory) / CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no {CONFIG} in {directory} (train one with `qkv train --out {directory}`)")
+        raise FileNotFoundError(f"checkpoint: no {CONFIG} in {directory} "
+                                f"(train one with `qkv train --out {directory}`)")
     meta = read_json(path, "training checkpoint configuration")
     for field, kind in _META_FIELDS.items():
         if field not in meta:
