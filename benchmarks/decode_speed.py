@@ -279,8 +279,26 @@ def twin_main(args) -> int:
               f"{r['qkv_overhead_us']:.1f} us, qkv causal +{r['qkv_causal_overhead_us']:.1f} us", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print()
+    print(twin_table(result))
     print(f"wrote {args.out}")
     return 0
+
+
+def twin_table(result: dict) -> str:
+    """The markdown table of a ``decode_twin`` result (docs/cache.md)."""
+    lines = ["| batch | plain loop tokens/s | qkv eager | qkv compiled |", "|---:|---:|---:|---:|"]
+    for row in result["generate"]:
+        r = row["results"]
+        cells = [f"{r['plain']['rate']:.0f}"]
+        for name in ("qkv", "qkv_compiled"):
+            if name in r:
+                cells.append(f"{r[name]['rate']:.0f} ({r[name]['speed_vs_plain']:.2f}x; rounds "
+                             f"{r[name]['median_round_ratio_vs_plain']:.2f}x)")
+            else:
+                cells.append("-")
+        lines.append(f"| {row['batch']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def twin_parser() -> argparse.ArgumentParser:
