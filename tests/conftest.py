@@ -5,6 +5,7 @@ inputs. ``HYPOTHESIS_PROFILE=thorough`` runs many more examples.
 """
 
 import os
+import shutil
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -36,3 +37,16 @@ def small_tiled_backends():
     yield
     for name in SMALL_TILED:
         backends.REGISTRY.pop(name, None)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny BERT saved by ``save_pretrained``; tests that damage it work on a copy."""
+    from tests.fixtures.tiny_bert import save_tiny  # imports transformers: only where used
+
+    return save_tiny(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+@pytest.fixture
+def tiny_copy(tiny_dir, tmp_path):
+    return shutil.copytree(tiny_dir, tmp_path / "copy")

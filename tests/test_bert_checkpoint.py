@@ -20,16 +20,6 @@ from .fixtures.tiny_bert import TINY, edit_json, reference, save_tiny
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    """A tiny BERT saved by ``save_pretrained``; tests that damage it work on a copy."""
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "bert")
-
-
-@pytest.fixture
-def tiny_copy(tiny_dir, tmp_path):
-    return shutil.copytree(tiny_dir, tmp_path / "copy")
-
 
 def random_batch(vocab_size, pad_id=0, lengths=(11, 7, 3), seed=1):
     """Random ids (specials excluded) with right padding, and random token types."""

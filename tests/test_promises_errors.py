@@ -115,15 +115,6 @@ def test_pool_owners_checks_the_page():
 
 # -- BERT checkpoints ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return save_tiny(tmp_path_factory.mktemp("tiny") / "bert")
-
-
-@pytest.fixture
-def tiny_copy(tiny_dir, tmp_path):
-    return shutil.copytree(tiny_dir, tmp_path / "copy")
-
 
 @pytest.fixture
 def no_model_building(monkeypatch):
