@@ -26,10 +26,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .backends.sdpa import mask_visibility
+from .backends.sdpa import guarded_sdpa
 from .masks import Causal
 
 #: signature -> ``(is_causal, needs_nan_guard)`` if SDPA serves it, else None.
@@ -96,17 +95,9 @@ def attend(q, k, v, mask, scale, backend=None) -> Tensor | None:
     elif type(scale) is not float or not math.isfinite(scale):
         return None  # the general path accepts ints and says what is wrong with the rest
     is_causal, nan_guard = decision
-    kwargs = {"enable_gqa": True} if ks[1] != qs[1] else {}
-    if kind == _KEY_MASK:  # as SdpaBackend.run does with a materialised mask
-        rows_seen, keys_seen, _ = mask_visibility(mask, ks[1])
-        k, v = torch.where(keys_seen, k, 0), torch.where(keys_seen, v, 0)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, **kwargs)
-        out = out.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=True), float("nan"))
-        return torch.where(rows_seen, out, 0)
-    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, **kwargs)
-    if nan_guard:
-        out = out.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=True), float("nan"))
-    return out
+    if kind == _KEY_MASK:  # a materialised mask, as SdpaBackend.run passes it
+        return guarded_sdpa(q, k, v, mask, is_causal=False, scale=scale)
+    return guarded_sdpa(q, k, v, None, is_causal=is_causal, scale=scale, nan_guard=nan_guard)
 
 
 def _decide(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale) -> tuple[bool, bool] | None:

@@ -90,43 +90,57 @@ class SdpaBackend:
         if p.bias is not None:
             bias = p.bias.to(p.dtype)
             attn_mask = bias if attn_mask is None else torch.where(attn_mask, bias, float("-inf"))
-        q, k, v = p.q, p.k, p.v
-        rows_seen = poisoned = None
-        if attn_mask is not None:
-            rows_seen, keys_seen, poisoned = mask_visibility(attn_mask, p.kv_heads)
-            k, v = torch.where(keys_seen, k, 0), torch.where(keys_seen, v, 0)
-        kwargs = {"enable_gqa": True} if p.group > 1 else {}
-        with kernel_priority(p, attn_mask):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=uses_is_causal(p),
-                                                 scale=p.scale, **kwargs)
-        bad = ~torch.isfinite(q).all(dim=-1, keepdim=True)
-        if poisoned is not None:
-            bad = bad | poisoned
+        return guarded_sdpa(p.q, p.k, p.v, attn_mask, is_causal=uses_is_causal(p), scale=p.scale), None
+
+
+def guarded_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, is_causal: bool, scale: float,
+                 nan_guard: bool = True) -> Tensor:
+    """``F.scaled_dot_product_attention`` with qkv's guarantees (docs/attention.md, Guarantees):
+    keys the mask hides from every query are zeroed first (garbage there never reaches the
+    output), rows that see nothing are zero whatever the kernel returns, and a row whose query (or
+    a visible float-mask entry) is NaN/inf is NaN. ``nan_guard=False`` skips the query check, for
+    callers that know the kernel propagates NaN itself. Shapes as for SDPA: ``q (B, Hq, Nq, D)``,
+    ``k, v (B, Hkv, Nk, D|Dv)``, ``attn_mask`` broadcastable to ``(B, Hq, Nq, Nk)`` or None."""
+    rows_seen = poisoned = None
+    if attn_mask is not None:
+        rows_seen, keys_seen, poisoned = mask_visibility(attn_mask, k.shape[1])
+        k, v = torch.where(keys_seen, k, 0), torch.where(keys_seen, v, 0)
+    priority = kernel_priority(q, v, attn_mask, is_causal) if q.is_cuda else _TORCH_ORDER
+    with priority:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                             enable_gqa=k.shape[1] != q.shape[1])
+    bad = ~torch.isfinite(q).all(dim=-1, keepdim=True) if nan_guard else None
+    if poisoned is not None:
+        bad = poisoned if bad is None else bad | poisoned
+    if bad is not None:
         out = out.masked_fill(bad, float("nan"))
-        if rows_seen is not None:
-            out = torch.where(rows_seen, out, 0)
-        return out, None
+    if rows_seen is not None:
+        out = torch.where(rows_seen, out, 0)
+    return out
 
 
 #: torch >= 2.6 lets sdpa_kernel set an order of preference rather than only a set of kernels.
 _HAS_PRIORITY = "set_priority" in inspect.signature(sdpa_kernel).parameters
 
+#: Torch's own kernel order (a reusable no-op context: no allocation on a decode step's hot path).
+_TORCH_ORDER = contextlib.nullcontext()
 
-def prefers_cudnn(problem: Problem, attn_mask: Tensor | None) -> bool:
+
+def prefers_cudnn(q: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool) -> bool:
     """Where torch's default kernel order is not the fastest: on Hopper (H100/H200, sm90), cuDNN's
     fused attention beats the default pick for causal attention in bfloat16/float16 (H200, B=2
     H=16 N=8192 D=128: 597 vs 444 TFLOP/s forward, 512 vs 496 with backward; shared/gpu)."""
-    p = problem
-    return (p.device.type == "cuda" and attn_mask is None and uses_is_causal(p)
-            and p.dtype in (torch.float16, torch.bfloat16) and p.head_dim == p.v_dim and p.head_dim % 8 == 0
-            and p.head_dim <= 128 and torch.cuda.get_device_capability(p.device) == (9, 0))
+    d = q.shape[-1]
+    return (q.device.type == "cuda" and attn_mask is None and is_causal
+            and q.dtype in (torch.float16, torch.bfloat16) and d == v.shape[-1] and d % 8 == 0
+            and d <= 128 and torch.cuda.get_device_capability(q.device) == (9, 0))
 
 
-def kernel_priority(problem: Problem, attn_mask: Tensor | None):
+def kernel_priority(q: Tensor, v: Tensor, attn_mask: Tensor | None, is_causal: bool):
     """A context that puts cuDNN first where :func:`prefers_cudnn` (the others stay as fallbacks,
     so a shape cuDNN rejects still runs); elsewhere torch's own choice."""
-    if not prefers_cudnn(problem, attn_mask) or not _HAS_PRIORITY:
-        return contextlib.nullcontext()
+    if not _HAS_PRIORITY or not prefers_cudnn(q, v, attn_mask, is_causal):
+        return _TORCH_ORDER
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
     return sdpa_kernel(order, set_priority=True)
 
