@@ -105,10 +105,14 @@ def guarded_sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, *, i
     if attn_mask is not None:
         rows_seen, keys_seen, poisoned = mask_visibility(attn_mask, k.shape[1])
         k, v = torch.where(keys_seen, k, 0), torch.where(keys_seen, v, 0)
-    priority = kernel_priority(q, v, attn_mask, is_causal) if q.is_cuda else _TORCH_ORDER
-    with priority:
+    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda:
+        with kernel_priority(q, v, attn_mask, is_causal):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
+                                                 enable_gqa=gqa)
+    else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=scale,
-                                             enable_gqa=k.shape[1] != q.shape[1])
+                                             enable_gqa=gqa)
     bad = ~torch.isfinite(q).all(dim=-1, keepdim=True) if nan_guard else None
     if poisoned is not None:
         bad = poisoned if bad is None else bad | poisoned

@@ -65,6 +65,11 @@ class TransformerBlock(nn.Module):
         ``memory_mask`` (broadcastable to ``(B, Hq, N, M)``) to the cross-attention; ``backend``
         to both.
         """
+        if self.norm_first and self.dropout is None and self.cross_attn is None and memory is None \
+                and memory_mask is None:  # the common pre-norm decoder layer, in straight lines
+            x = x + self.attn(self.attn_norm(x), mask=mask, score_mod=score_mod, rope=rope, positions=positions,
+                              cache=cache, backend=backend)
+            return x + self.mlp(self.mlp_norm(x))
         x = self._residual(x, self.attn_norm, lambda h: self.attn(
             h, mask=mask, score_mod=score_mod, rope=rope, positions=positions, cache=cache, backend=backend))
         if self.cross_attn is not None:

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..cache import CacheFullError, KVCache
 from .compiled import DecodeStep, check_compilable
+from .fused import fused_projections
 from ..cache.base import token_counts
 
 
@@ -88,7 +89,15 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         capacity = int(prompt_lengths.max()) + max_new_tokens - 1
         cache = KVCache(batch_size=batch, capacity=capacity, **model.cache_spec()) if compile is False \
             else _CompiledSteps.reusable_cache(model, batch, capacity)
-    extra = {"memory": memory, "memory_mask": memory_mask, "backend": backend}
+    with fused_projections(model):  # one product for q, k, v and one for gate, up per layer
+        return _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_ids, prompt_lengths, cache,
+                       generator, {"memory": memory, "memory_mask": memory_mask, "backend": backend}, compile)
+
+
+def _decode(model, input_ids, max_new_tokens, temperature, top_k, top_p, eos_ids, prompt_lengths, cache, generator,
+            extra, compile) -> Tensor:
+    """Prefill, then sample one token per step (``generate`` after its checks)."""
+    batch, device = input_ids.shape[0], input_ids.device
     logits = model(input_ids, cache, lengths=prompt_lengths, **extra)
     last = logits[torch.arange(batch, device=device), prompt_lengths.to(device) - 1]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

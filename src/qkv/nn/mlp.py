@@ -6,6 +6,7 @@ Two shapes: the classic two-layer MLP ``fc2(act(fc1(x)))`` (BERT, GPT-2) and the
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -40,7 +41,13 @@ class MLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``down(dropout(silu(gate(x)) * up(x)))``."""
+    """``down(dropout(silu(gate(x)) * up(x)))``.
+
+    Inside :func:`qkv.nn.fused.fused_projections`, ``gate`` and ``up`` run as one product while
+    grad mode is off (the same numbers)."""
+
+    #: Stacked ``gate, up`` weights while inside :func:`qkv.nn.fused.fused_projections`.
+    _fused = None
 
     def __init__(self, dim: int, hidden_dim: int, *, bias: bool = True, dropout: float = 0.0):
         super().__init__()
@@ -50,7 +57,12 @@ class SwiGLU(nn.Module):
         self.dropout = optional_dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.silu(self.gate(x)) * self.up(x)
+        fused = self._fused
+        if fused is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, fused.weight, fused.bias).split(fused.widths, dim=-1)
+        else:
+            gate, up = self.gate(x), self.up(x)
+        h = F.silu(gate) * up
         return self.down(h if self.dropout is None else self.dropout(h))
 
 
