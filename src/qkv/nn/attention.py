@@ -25,6 +25,7 @@ from .. import attention_weights as _attention_weights
 from ..linear import swap as _swap
 from ..linear.features import PerformerFeatures
 from ..validate import positive_int
+from . import fused as fusion
 from .positional import Rotation
 
 #: eps of the per-head RMS norms used by ``qk_norm=True``.
@@ -59,7 +60,8 @@ class MultiHeadAttention(nn.Module):
     projections run as one product while grad mode is off; the numbers are the same.
     """
 
-    #: Stacked ``q_proj, k_proj, v_proj`` weights while inside :func:`qkv.nn.fused.fused_projections`.
+    #: :class:`qkv.nn.fused.Stacks` (stacked ``q_proj, k_proj, v_proj``; a copy of ``out_proj``)
+    #: while inside :func:`qkv.nn.fused.fused_projections`.
     _fused = None
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, kdim: int | None = None,
@@ -167,7 +169,8 @@ class MultiHeadAttention(nn.Module):
                 end = None
                 if cache is not None and positions is None:
                     positions, end = cache.rope_positions, cache.position_end
-                rope = rope.rotation(positions, n, dtype=q.dtype, device=q.device, end=end)
+                like = v  # the dtype and device of q
+                rope = rope.rotation(positions, n, dtype=like.dtype, device=like.device, end=end)
             if qk is not None:  # q and k side by side (one fused projection): one rotation
                 qk = rope.heads_last(qk)
                 q, k = qk[:, :, :self.num_heads], qk[:, :, self.num_heads:]
@@ -200,7 +203,11 @@ class MultiHeadAttention(nn.Module):
             out, lse = result
             gate = torch.sigmoid(lse - self.sink_logits.to(lse.dtype)[:, None])  # (B, Hq, N)
             out = out * gate.unsqueeze(-1).to(out.dtype)
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim))
+        # (B, Hq, N, Dv) -> (B, N, Hq * Dv); for one token the memory order is already that
+        out = out.reshape(batch, 1, -1) if n == 1 else out.transpose(1, 2).reshape(batch, n, -1)
+        stacks = self._fused
+        stack = None if stacks is None else stacks.out
+        out = F.linear(out, stack.weight, stack.bias) if fusion.serves(stack, out) else self.out_proj(out)
         if not need_weights:
             return out
         weights = _attention_weights(q, k, mask=_swap.weights_mask(self.attention, mask), score_mod=score_mod,
@@ -228,13 +235,15 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}")
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor, *, joint: bool = False):
-        """Projected ``q (B, N, Hq, D)``, ``k, v (B, S, Hkv, D)`` (heads split off, before the tokens
-        are moved behind them), and with ``joint`` (self-attention through one product) ``qk (B, N,
-        Hq + Hkv, D)``, the queries and keys side by side (``q``, ``k`` are its slices); else None."""
+        """``(qk, q, k, v)``: projected ``q (B, N, Hq, D)``, ``k, v (B, S, Hkv, D)`` (heads split off,
+        before the tokens are moved behind them) and ``qk`` None; or with ``joint``, when
+        self-attention ran one product, ``qk (B, N, Hq + Hkv, D)`` (queries and keys side by side,
+        to rotate in one go) with ``q`` and ``k`` None."""
         self_input = key is query and value is query
-        fused = self._fused
-        if self_input and fused is not None and not torch.is_grad_enabled():
-            y = F.linear(query, fused.weight, fused.bias)  # one product for q, k and v (qkv.nn.fused)
+        stacks = self._fused
+        stack = None if stacks is None else stacks.proj
+        if self_input and fusion.serves(stack, query):
+            y = F.linear(query, stack.weight, stack.bias)  # one product for q, k and v (qkv.nn.fused)
         elif self.fused_qkv and self_input:
             y = self.qkv_proj(query)
         else:
@@ -246,11 +255,12 @@ class MultiHeadAttention(nn.Module):
                 q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
             return None, self._split_heads(q, self.num_heads), self._split_heads(k, self.num_kv_heads), \
                 self._split_heads(v, self.num_kv_heads)
-        batch, n = query.shape[0], query.shape[1]
-        q_width, kv_width = self._widths[0], self._widths[1]
-        qk = y[..., :q_width + kv_width].view(batch, n, self.num_heads + self.num_kv_heads, self.head_dim)
-        v = y[..., q_width + kv_width:].view(batch, n, self.num_kv_heads, self.head_dim)
-        return (qk if joint else None), qk[:, :, :self.num_heads], qk[:, :, self.num_heads:], v
+        hq, hkv = self.num_heads, self.num_kv_heads
+        heads = y.view(query.shape[0], query.shape[1], hq + 2 * hkv, self.head_dim)  # one view, then slices
+        qk, v = heads[:, :, :hq + hkv], heads[:, :, hq + hkv:]
+        if joint:
+            return qk, None, None, v  # the caller rotates qk and slices q and k from the result
+        return None, qk[:, :, :hq], qk[:, :, hq:], v
 
     def _split_heads(self, x: Tensor, heads: int) -> Tensor:
         """``(B, N, heads * D) -> (B, N, heads, D)``."""

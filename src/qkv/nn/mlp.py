@@ -6,11 +6,11 @@ Two shapes: the classic two-layer MLP ``fc2(act(fc1(x)))`` (BERT, GPT-2) and the
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validate import positive_int
+from . import fused as fusion
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 
@@ -46,7 +46,8 @@ class SwiGLU(nn.Module):
     Inside :func:`qkv.nn.fused.fused_projections`, ``gate`` and ``up`` run as one product while
     grad mode is off (the same numbers)."""
 
-    #: Stacked ``gate, up`` weights while inside :func:`qkv.nn.fused.fused_projections`.
+    #: :class:`qkv.nn.fused.Stacks` (stacked ``gate, up``; a copy of ``down``) while inside
+    #: :func:`qkv.nn.fused.fused_projections`.
     _fused = None
 
     def __init__(self, dim: int, hidden_dim: int, *, bias: bool = True, dropout: float = 0.0):
@@ -57,13 +58,18 @@ class SwiGLU(nn.Module):
         self.dropout = optional_dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        fused = self._fused
-        if fused is not None and not torch.is_grad_enabled():
-            gate, up = F.linear(x, fused.weight, fused.bias).split(fused.widths, dim=-1)
+        stacks = self._fused
+        if stacks is None:
+            gate, up = self.gate(x), self.up(x)
+        elif fusion.serves(stacks.proj, x):
+            gate, up = F.linear(x, stacks.proj.weight, stacks.proj.bias).chunk(2, dim=-1)  # equally wide
         else:
             gate, up = self.gate(x), self.up(x)
         h = F.silu(gate) * up
-        return self.down(h if self.dropout is None else self.dropout(h))
+        if self.dropout is not None:
+            h = self.dropout(h)
+        down = None if stacks is None else stacks.out
+        return F.linear(h, down.weight, down.bias) if fusion.serves(down, h) else self.down(h)
 
 
 def optional_dropout(p: float) -> nn.Dropout | None:
