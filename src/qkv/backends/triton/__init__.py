@@ -35,6 +35,12 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+class PagedUnsupported(ValueError):
+    """:func:`paged_attention` / :class:`~.decode.PagedDecode` do not serve these arguments (the
+    message says why: dtype, device, mask, score modifier, too many stacked query rows); a caller
+    with another path (a ``PagedBatch`` step gathering its pages) takes that one."""
+
+
 class TritonBackend:
     """qkv's Triton kernels (see module docstring)."""
 
@@ -109,4 +115,13 @@ def paged_attention(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-__all__ = ["TritonBackend", "triton_available", "paged_attention"]
+def paged_decode(*args, **kwargs):
+    """A paged decode step prepared once and run per layer (see :class:`.decode.PagedDecode`)."""
+    if not triton_available():
+        raise PagedUnsupported("Triton is not installed (pip install 'qkv[triton]')")
+    from .decode import PagedDecode
+
+    return PagedDecode(*args, **kwargs)
+
+
+__all__ = ["TritonBackend", "triton_available", "paged_attention", "paged_decode", "PagedUnsupported"]
