@@ -25,6 +25,7 @@ from .. import attention_weights as _attention_weights
 from ..linear import swap as _swap
 from ..linear.features import PerformerFeatures
 from ..validate import positive_int
+from . import paged as _paged
 from .positional import Rotation
 
 #: eps of the per-head RMS norms used by ``qk_norm=True``.
@@ -161,18 +162,24 @@ class MultiHeadAttention(nn.Module):
                 rope = rope.rotation(positions, q.shape[2], dtype=q.dtype, device=q.device, end=end)
             q, k = rope(q), rope(k)
         offsets = {}
-        if cache is not None:
-            k, v, mask = cache.update(k, v)
-            score_mod = cache.remap_score_mod(score_mod)
-            q_offset, k_offset = getattr(cache, "offsets", (None, 0))
-            if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
-                offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
         dropout_p = self.dropout if self.training else 0.0
         sink = self.sink_logits is not None
-        if isinstance(self.attention, str) and self.attention == "exact":
+        exact = isinstance(self.attention, str) and self.attention == "exact"
+        result = None
+        if cache is not None:
+            score_mod = cache.remap_score_mod(score_mod)
+            if _paged.eligible(cache, q, k, v, backend=backend, exact=exact, need_weights=need_weights,
+                               dropout_p=dropout_p):  # a paged cache's pages, read in place (qkv.nn.paged)
+                result = _paged.attend_in_place(cache, q, k, v, score_mod, sink)
+            if result is None:
+                k, v, mask = cache.update(k, v)
+                q_offset, k_offset = getattr(cache, "offsets", (None, 0))
+                if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
+                    offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
+        if result is None and exact:
             result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
                                 backend=backend, **offsets)
-        else:  # approximate or sparse attention (qkv.linear.swap)
+        elif result is None:  # approximate or sparse attention (qkv.linear.swap)
             result = _swap.attend(self.attention, q, k, v, mask, features=self.performer, score_mod=score_mod,
                                   dropout_p=dropout_p, return_lse=sink, backend=backend, **offsets)
         out, gate = result, None
