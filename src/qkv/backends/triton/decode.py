@@ -63,6 +63,11 @@ def _splits(batch_heads: int, key_tiles: int, device: torch.device) -> int:
     return max(1, min(key_tiles, MAX_SPLITS, math.ceil(2 * _sm_count(device) / batch_heads)))
 
 
+def _runs_on(device: torch.device) -> bool:
+    """Whether the kernels can run on ``device`` (CUDA; the CPU under the interpreter)."""
+    return device.type == "cuda" or configs.interpreting()
+
+
 def _skips_tiles(mask: MaskProgram) -> bool:
     """Whether the mask can hide whole key tiles of the newest queries (not causal alone, whose
     visible keys are exactly those up to each sequence's length)."""
@@ -234,7 +239,7 @@ class PagedDecode:
         v_dim = D if v_dim is None else v_dim
         if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise PagedUnsupported(f"paged_attention: q is {q.dtype}; the kernel takes float32, bfloat16, float16")
-        if q.device.type != "cuda" and not configs.interpreting():
+        if not _runs_on(q.device):
             raise PagedUnsupported(f"paged_attention: q is on {q.device}; the kernel runs on CUDA "
                                    "(on CPU only under TRITON_INTERPRET=1)")
         if torch.is_grad_enabled() and q.requires_grad:
