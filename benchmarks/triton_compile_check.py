@@ -135,10 +135,16 @@ def record(all_configs: bool):
         for cfg in fwd:
             run._forward(cfg, q, k, v, out, lse)
         if not forward_only:
-            configs._CACHE.clear()
-            for cfg in bwd:
-                configs._CACHE[run.key("bwd")] = cfg
-                run.backward(q, k, v, out, lse, torch.ones_like(out), None, grads == 1, grads == 2)
+            # The deterministic backward, and for a few problems the atomic-dq one (set_deterministic(False)).
+            for atomic in (False, True) if label.startswith(("window", "bits", "dropout")) else (False,):
+                configs._DETERMINISTIC = not atomic
+                for cfg in bwd:
+                    configs._CACHE.clear()
+                    configs._CACHE[run.key("bwd") + (("atomic dq",) if atomic else ())] = cfg
+                    os.environ["QKV_TRITON_AUTOTUNE"] = "1"  # pick() takes the cached entry
+                    run.backward(q, k, v, out, lse, torch.ones_like(out), None, grads == 1, grads == 2)
+                    os.environ["QKV_TRITON_AUTOTUNE"] = "0"
+            configs._DETERMINISTIC = True
         if mask.mode != 2 and kw.get("dropout_p", 0) == 0:  # split-KV decode of two query tokens, and its merge
             qd = q[:, :, :2].contiguous()
             pd = make_problem(qd, k, v, **kw)

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...problem import Problem
 from ..capabilities import Capabilities, reasons
-from .configs import interpreting
+from .configs import deterministic, interpreting, set_deterministic
 from .programs import mask_program, score_program
 
 #: Largest head dim (of q/k and of v) the kernels serve with gradients, and forward only.
@@ -124,4 +124,5 @@ def paged_decode(*args, **kwargs):
     return PagedDecode(*args, **kwargs)
 
 
-__all__ = ["TritonBackend", "triton_available", "paged_attention", "paged_decode", "PagedUnsupported"]
+__all__ = ["TritonBackend", "triton_available", "paged_attention", "paged_decode", "PagedUnsupported",
+           "set_deterministic", "deterministic"]

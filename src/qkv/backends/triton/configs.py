@@ -67,6 +67,28 @@ def candidates(direction: str, head_dim: int, float32: bool = False) -> list[Con
 
 _CACHE: dict[tuple, Config] = {}
 
+_DETERMINISTIC = os.environ.get("QKV_TRITON_DETERMINISTIC", "1") != "0"
+
+
+def set_deterministic(enabled: bool) -> None:
+    """The backward's mode. True (the default; ``QKV_TRITON_DETERMINISTIC=0`` starts with False):
+    a ``dq`` kernel and a ``dk``/``dv`` kernel, each output tile written once by one program, so
+    gradients are bit-identical run to run. False: one kernel, ``dq`` accumulated with float32
+    atomic adds from every key tile (no second pass over the scores; the order of the additions,
+    and so the last bits, vary run to run). ``torch.use_deterministic_algorithms(True)`` keeps the
+    deterministic mode whatever this says; so do score modifiers whose tensors need gradients."""
+    global _DETERMINISTIC
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _DETERMINISTIC = enabled
+
+
+def deterministic() -> bool:
+    """Whether the backward runs in its deterministic mode (see :func:`set_deterministic`)."""
+    import torch
+
+    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
+
 
 def pick(key: tuple, options: list[Config], run: Callable[[Config], None]) -> Config:
     """The cached best of ``options`` for ``key``; times them with ``run(config)`` on a miss."""
