@@ -181,8 +181,19 @@ def test_relative_bias_table_gets_gradients(per_head):
                                                                              scores.softcap(4.0)), learnable=[table])
 
 
-def test_dropout_drops_the_same_weights_as_tiled():
-    """With v = identity the output is the dropped weight matrix itself."""
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    """The backward's non-deterministic mode (configs.set_deterministic(False)) for one test."""
+    from qkv.backends.triton import configs
+
+    monkeypatch.setattr(configs, "_DETERMINISTIC", False)
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "atomic_dq"])
+def test_dropout_drops_the_same_weights_as_tiled(mode, request):
+    """With v = identity the output is the dropped weight matrix itself (both backward modes)."""
+    if mode == "atomic_dq":
+        request.getfixturevalue("atomic_dq")
     B, H, n = 1, 2, 32
     q = torch.randn(B, H, n, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(B, H, n, 16, device=DEVICE, requires_grad=True)
@@ -214,14 +225,6 @@ def test_unsupported_problems_say_why():
     partial = backend.unsupported(make_problem(q, q, q, score_mod=scaled))
     assert "custom function" in " ".join(partial)
     assert not backend.unsupported(make_problem(q, q, q, qkv.causal()))
-
-
-@pytest.fixture
-def atomic_dq(monkeypatch):
-    """The backward's non-deterministic mode (configs.set_deterministic(False)) for one test."""
-    from qkv.backends.triton import configs
-
-    monkeypatch.setattr(configs, "_DETERMINISTIC", False)
 
 
 @pytest.mark.parametrize("mask", ["composed", "from_function"])

@@ -168,8 +168,9 @@ class MultiHeadAttention(nn.Module):
         result = None
         if cache is not None:
             score_mod = cache.remap_score_mod(score_mod)
-            if _paged.eligible(cache, q, k, v, backend=backend, exact=exact, need_weights=need_weights,
-                               dropout_p=dropout_p):  # a paged cache's pages, read in place (qkv.nn.paged)
+            if (q.is_cuda or _paged.INTERPRETING) and _paged.eligible(
+                    cache, q, k, v, backend=backend, exact=exact, need_weights=need_weights, dropout_p=dropout_p):
+                # a paged cache's decode step, its pages read in place (qkv.nn.paged); CPU: one test
                 result = _paged.attend_in_place(cache, q, k, v, score_mod, sink)
             if result is None:
                 k, v, mask = cache.update(k, v)

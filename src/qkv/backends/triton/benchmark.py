@@ -107,10 +107,24 @@ def environment(device) -> dict:
             "triton": triton.__version__, "qkv": qkv.__version__, "python": platform.python_version(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter smoke run)",
             "cuda": torch.version.cuda,
+            "gpu": _gpu_properties() if device.type == "cuda" else None,
             "autotune": os.environ.get("QKV_TRITON_AUTOTUNE", "1")}
     try:
         info["commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                         timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
+def _gpu_properties() -> dict:
+    props = torch.cuda.get_device_properties(0)
+    info = {"capability": ".".join(map(str, torch.cuda.get_device_capability(0))), "sms": props.multi_processor_count,
+            "memory_GiB": round(props.total_memory / 2**30, 1)}
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version,clocks.max.sm,clocks.max.mem,power.limit",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=10).stdout.strip()
+        info["nvidia-smi (driver, max SM MHz, max memory MHz, power limit)"] = out
     except (OSError, subprocess.SubprocessError):
         pass
     return info
@@ -337,6 +351,9 @@ def decode_rows(args, device, budget, log) -> list[dict]:
                             row["TBps"][name] = (seen if "window" in label else kv_bytes) / (ms * 1e-3) / 1e12
                     except Exception as err:  # reported, not fatal
                         row["errors"][label] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            sdpa_err = row["max_err"].get("sdpa")
+            if sdpa_err is not None:  # bf16 error relative to SDPA's on the same problem (the window: to its own)
+                row["error_vs_sdpa"] = {name: err / max(sdpa_err, 1e-6) for name, err in row["max_err"].items()}
             ms = row["ms"]
             ratios = {"paged/contiguous graph": ("triton kernel graph", "triton paged kernel graph"),
                       "paged/contiguous": ("triton kernel", "triton paged kernel"),
