@@ -22,6 +22,10 @@ def test_decode_through_the_backend(mask):
     check(B=2, Hq=4, Hkv=2, Nq=2, Nk=CONTEXT, mask=mask, grad=False)  # 2 queries x 2 heads per key head
 
 
+def test_decode_head_dim_512():
+    check(B=1, Hq=2, Hkv=1, Nq=1, Nk=CONTEXT // 2, D=512, mask=qkv.sliding_window(20), grad=False)
+
+
 def test_decode_alibi_and_mqa():
     from qkv import scores
 
