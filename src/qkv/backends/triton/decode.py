@@ -280,9 +280,10 @@ class PagedDecode:
         B, Hq, Nq, D, Hkv, page_size, v_dim = self.shape
         for name, t, want in (("q", q, (B, Hq, Nq, D)), ("k_pages", k_pages, (None, Hkv, page_size, D)),
                               ("v_pages", v_pages, (None, Hkv, page_size, v_dim))):
-            if not isinstance(t, Tensor) or t.dim() != 4 or any(w is not None and s != w for s, w in zip(t.shape, want)):
-                raise ValueError(f"paged_attention: {name} must have shape {tuple('P' if w is None else w for w in want)}"
-                                 f", got {getattr(t, 'shape', type(t).__name__)}")
+            if not isinstance(t, Tensor) or t.dim() != 4 or any(w not in (None, s) for s, w in zip(t.shape, want)):
+                shape = tuple("P" if w is None else w for w in want)
+                raise ValueError(f"paged_attention: {name} must have shape {shape}, got "
+                                 f"{getattr(t, 'shape', type(t).__name__)}")
         if q.dtype != self.launch.p.dtype or k_pages.dtype != q.dtype or v_pages.dtype != q.dtype:
             raise ValueError(f"paged_attention: q, k_pages, v_pages must share a dtype ({self.launch.p.dtype}), got "
                              f"{q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
