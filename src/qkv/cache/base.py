@@ -251,6 +251,29 @@ class CacheLayer:
         step.updated.add(self.index)
         return keys, values, step.mask
 
+    # -- reading a paged cache in place (see qkv.cache.paged and qkv.nn.paged) -------------------
+
+    @property
+    def reads_pages(self) -> bool:
+        """Whether this cache offers its pages to be read in place (:meth:`paged_view`)."""
+        return self.cache.reads_pages
+
+    def paged_view(self):
+        """This step's :class:`~qkv.cache.paged.PagedView` (block table, lengths, mask; shared by
+        every layer of the step), or None where the step cannot be read in place."""
+        return self.cache.paged_view()
+
+    def store_pages(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's ``k, v (B, Hkv, n, D)`` (detached) like :meth:`update`, without
+        reading anything back; returns this layer's ``(k_pages, v_pages)``, to be read in place
+        through the :meth:`paged_view`."""
+        step = self.cache.step
+        if DEBUG or not step.checked:
+            self.cache.check_kv(k, v, step.n)
+        pages = self.cache.store_pages(self.index, k.detach(), v.detach())
+        step.updated.add(self.index)
+        return pages
+
     def remap_score_mod(self, score_mod):
         """``score_mod`` evaluated at the tokens' true positions (ALiBi over a ragged batch)."""
         step = self.cache.step
@@ -340,6 +363,13 @@ class KVCacheBase:
             raise RuntimeError("no step in progress: call cache.begin(num_tokens) before the forward pass "
                                "(a qkv.nn.Decoder does this when given cache=...)")
         return self._step
+
+    #: Whether :meth:`paged_view` may offer the pages to be read in place (a ``PagedBatch``).
+    reads_pages = False
+
+    def paged_view(self):
+        """See :meth:`CacheLayer.paged_view`; caches without pages have none."""
+        return None
 
     # -- for subclasses -----------------------------------------------------------------------
 

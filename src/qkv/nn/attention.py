@@ -26,6 +26,7 @@ from ..linear import swap as _swap
 from ..linear.features import PerformerFeatures
 from ..validate import positive_int
 from . import fused as fusion
+from . import paged as _paged
 from .positional import Rotation
 
 #: eps of the per-head RMS norms used by ``qk_norm=True``.
@@ -178,24 +179,30 @@ class MultiHeadAttention(nn.Module):
                 q, k = rope.heads_last(q), rope.heads_last(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D)
         offsets = {}
-        attend = None
-        if cache is not None:
-            k, v, mask = cache.update(k, v)
-            if score_mod is not None:
-                score_mod = cache.remap_score_mod(score_mod)
-            q_offset, k_offset = getattr(cache, "offsets", (None, 0))
-            if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
-                offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
-            attend = getattr(cache, "attend", None)  # a fixed-shape step's layer runs SDPA itself
         dropout_p = self.dropout if self.training else 0.0
         sink = self.sink_logits is not None
-        if isinstance(self.attention, str) and self.attention == "exact":
+        exact = isinstance(self.attention, str) and self.attention == "exact"
+        result = attend = None
+        if cache is not None:
+            if score_mod is not None:
+                score_mod = cache.remap_score_mod(score_mod)
+            if (q.is_cuda or _paged.INTERPRETING) and _paged.eligible(
+                    cache, q, k, v, backend=backend, exact=exact, need_weights=need_weights, dropout_p=dropout_p):
+                # a paged cache's decode step, its pages read in place (qkv.nn.paged); CPU: one test
+                result = _paged.attend_in_place(cache, q, k, v, score_mod, sink)
+            if result is None:
+                k, v, mask = cache.update(k, v)
+                q_offset, k_offset = getattr(cache, "offsets", (None, 0))
+                if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
+                    offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
+                attend = getattr(cache, "attend", None)  # a fixed-shape step's layer runs SDPA itself
+        if result is None and exact:
             if attend is not None and not sink and score_mod is None and not dropout_p and not offsets:
                 result = attend(q, k, v, mask)
             else:
                 result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
                                     backend=backend, **offsets)
-        else:  # approximate or sparse attention (qkv.linear.swap)
+        elif result is None:  # approximate or sparse attention (qkv.linear.swap)
             result = _swap.attend(self.attention, q, k, v, mask, features=self.performer, score_mod=score_mod,
                                   dropout_p=dropout_p, return_lse=sink, backend=backend, **offsets)
         out, gate = result, None

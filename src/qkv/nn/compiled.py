@@ -48,6 +48,9 @@ class StaticCacheLayer:
     afresh inside each step (no state outlives it, so a compiled step has no Python side effects
     to replay)."""
 
+    #: Not a paged cache: :mod:`qkv.nn.paged`'s in-place route does not apply.
+    reads_pages = False
+
     def __init__(self, keys: Tensor, values: Tensor, rows: Tensor, positions: Tensor, length,
                  key_mask: Tensor | None):
         self.keys, self.values, self.rows, self.positions = keys, values, rows, positions
