@@ -269,7 +269,8 @@ def twin_main(args) -> int:
                          "(time.thread_time; wall times in all_wall_s); tokens/s = batch * new tokens / "
                          "median time; speed ratios > 1 mean faster than the plain twin. The CPU is shared "
                          "with other work: compare the ratios, not the absolute rates, across runs. The "
-                         "compiled step is compiled before timing (first_call_s: the first call of each, compiling included)"),
+                         "compiled step is compiled before timing (first_call_s: the first call of each, "
+                         "compiling included)"),
               "generate": []}
     for batch in args.batches:
         prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from qkv.backends.sdpa import non_finite_rows
 from qkv.cache import KVCache
 from qkv.nn import RotaryEmbedding
+from qkv.nn.compiled import forget
 from qkv.nn.fused import MAX_ROWS, build, fused_projections
 from qkv.nn.positional import Rotation
 from tests.decoders import TOL, make_model
@@ -90,6 +91,11 @@ def test_compiled_step_refreshes_its_stacks_when_the_weights_change():
     with torch.no_grad():
         model.blocks[0].mlp.gate.weight.mul_(2.0)
         model.lm_head.weight.add_(0.1)
+    assert torch.equal(model.generate(prompt, 6, temperature=0, compile={"backend": "eager"}),
+                       model.generate(prompt, 6, temperature=0))
+    # a change through .data moves no version counter: forget() the compiled step, or refresh(force=True)
+    model.blocks[1].attn.v_proj.weight.data.copy_(torch.randn_like(model.blocks[1].attn.v_proj.weight))
+    forget(model)
     assert torch.equal(model.generate(prompt, 6, temperature=0, compile={"backend": "eager"}),
                        model.generate(prompt, 6, temperature=0))
 

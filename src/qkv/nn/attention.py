@@ -162,7 +162,7 @@ class MultiHeadAttention(nn.Module):
             raise ValueError("rope: rotary embeddings apply to self-attention only (key=None)")
         batch, n = query.shape[0], query.shape[1]
         # (B, N, H, D): heads split off, not yet moved before the tokens
-        qk, q, k, v = self._project(query, key, value, joint=rope is not None and not self.qk_norm)
+        qk, q, k, v = self._project_heads_last(query, key, value, joint=rope is not None and not self.qk_norm)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
@@ -241,7 +241,12 @@ class MultiHeadAttention(nn.Module):
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}")
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor, *, joint: bool = False):
+    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Projected ``q (B, Hq, N, D)``, ``k, v (B, Hkv, S, D)``."""
+        _, q, k, v = self._project_heads_last(query, key, value)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _project_heads_last(self, query: Tensor, key: Tensor, value: Tensor, *, joint: bool = False):
         """``(qk, q, k, v)``: projected ``q (B, N, Hq, D)``, ``k, v (B, S, Hkv, D)`` (heads split off,
         before the tokens are moved behind them) and ``qk`` None; or with ``joint``, when
         self-attention ran one product, ``qk (B, N, Hq + Hkv, D)`` (queries and keys side by side,

@@ -137,19 +137,22 @@ class DecodeStep:
         self.refresh()
         self.clear_free_slots()
 
-    def refresh(self) -> None:
-        """Copy the model's current weights into the stacked projections (in place)."""
+    def refresh(self, force: bool = False) -> None:
+        """Copy the model's current weights into the stacked projections (in place), where they
+        changed since the last copy (another tensor, or one changed in place: its version counter
+        moved) or with ``force``. A change made through ``.data`` moves no version counter: then
+        pass ``force=True`` (or :func:`forget` the model's compiled step)."""
         for stacks in self.fused.values():
             for stack in stacks.linears():
-                stack.refresh()
+                stack.refresh(force=force)
 
     def clear_free_slots(self) -> None:
         """Zero every slot at or beyond each row's length (no token of the row is there)."""
-        lengths = self.cache.lengths.to(self.cache.device)
-        empty = (self.slots >= lengths[:, None])[None, :, None, :, None]  # (1, B, 1, capacity, 1)
         with torch.no_grad():
-            self.cache.k.masked_fill_(empty, 0)
-            self.cache.v.masked_fill_(empty, 0)
+            for row, length in enumerate(self.cache.lengths.tolist()):
+                if length < self.capacity:
+                    self.cache.k[:, row, :, length:].zero_()
+                    self.cache.v[:, row, :, length:].zero_()
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
         return self.forward(tokens, positions, self.k, self.v, self.slots, True)
@@ -205,3 +208,10 @@ class DecodeStep:
     def sync_cache(self, counts: Tensor) -> None:
         """Tell the cache that its rows grew by ``counts (B,)`` tokens (int64, CPU) in steps."""
         self.cache.advance(counts)
+
+
+def forget(model) -> None:
+    """Drop the compiled decode step and the cache that ``generate(..., compile=True)`` keep on
+    ``model`` (the next such call builds and compiles them again)."""
+    model.__dict__.pop("_compiled_decode_steps", None)
+    model.__dict__.pop("_compiled_decode_cache", None)

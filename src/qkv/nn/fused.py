@@ -54,6 +54,7 @@ class FusedLinear:
         if self.is_reference:
             self.weight, self.bias = self.layers[0].weight, self.layers[0].bias
             return
+        self._copied = self._sources()
         with torch.no_grad():
             weight = torch.cat([layer.weight for layer in self.layers])
             self.weight = weight.t().contiguous().t() if self.transposed else weight
@@ -80,11 +81,24 @@ class FusedLinear:
             and self.weight.dtype == layers[0].weight.dtype and self.weight.device == layers[0].weight.device \
             and self.widths == [layer.out_features for layer in layers]
 
-    def refresh(self) -> None:
-        """Copy the layers' current weights (and biases) into :attr:`weight` (:attr:`bias`)."""
+    def _sources(self) -> list[tuple]:
+        """What the copy was made from: each weight and bias, its storage and its version counter."""
+        tensors = [t for layer in self.layers for t in (layer.weight, layer.bias) if t is not None]
+        return [(t, t.data_ptr(), t._version) for t in tensors]
+
+    def refresh(self, force: bool = False) -> None:
+        """Copy the layers' current weights (and biases) into :attr:`weight` (:attr:`bias`), unless
+        they are the tensors copied last time, unchanged since (same storage, same version
+        counter: in-place changes, an optimizer's included, move it; changes through ``.data`` do
+        not, so ``force`` copies anyway)."""
         if self.is_reference:
             self.weight, self.bias = self.layers[0].weight, self.layers[0].bias
             return
+        sources = self._sources()
+        if not force and len(sources) == len(self._copied) and all(
+                a[0] is b[0] and a[1:] == b[1:] for a, b in zip(sources, self._copied)):
+            return
+        self._copied = sources
         with torch.no_grad():
             if self.transposed:
                 self.weight.copy_(torch.cat([layer.weight for layer in self.layers]))

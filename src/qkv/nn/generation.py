@@ -161,10 +161,11 @@ class _CompiledSteps:
         if longest + 1 > self.cache.capacity:
             raise CacheFullError(f"KVCache: capacity {self.cache.capacity} exceeded: the rows hold "
                                  f"{lengths.tolist()} tokens")
-        self.step.clear_free_slots()
+        self.uniform = bool((lengths == longest).all())
+        if self.cache.device.type != "cpu" or not self.uniform:
+            self.step.clear_free_slots()  # slots that masked steps read (a uniform CPU step reads none)
         self.limit = self.cache.capacity - longest  # steps that fit
         self.length = longest + 1  # slots the next step reads (the longest row's, with its new token)
-        self.uniform = bool((lengths == longest).all())
         self.positions = lengths.to(self.cache.device)  # where each row's next token goes
         return self
 
