@@ -23,6 +23,7 @@ small one-off calls never wait for a compile.
 from __future__ import annotations
 
 import copy
+import math
 import types
 import warnings
 from dataclasses import dataclass
@@ -124,12 +125,13 @@ def tensorized(mask: Mask, device, batch: int = 1) -> Mask:
     return copied
 
 
-def mask_mod(problem: Problem):
-    """Flex ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for the problem's mask (None without one)."""
+def mask_mod(problem: Problem, offsets: tuple[Tensor, Tensor] | None = None):
+    """Flex ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for the problem's mask (None without one);
+    ``offsets``: :func:`positions`' tensors, if already made."""
     if problem.mask is None:
         return None
     mask = tensorized(problem.mask, problem.index_device, problem.batch)
-    q_off, k_off = positions(problem)
+    q_off, k_off = offsets if offsets is not None else positions(problem)
 
     def qkv_mask(b, h, q_idx, kv_idx):
         return mask.allowed(b, h, q_idx + q_off[b], kv_idx + k_off[b])
@@ -137,14 +139,14 @@ def mask_mod(problem: Problem):
     return qkv_mask
 
 
-def score_mod(problem: Problem):
+def score_mod(problem: Problem, offsets: tuple[Tensor, Tensor] | None = None):
     """Flex ``score_mod(score, b, h, q_idx, kv_idx) -> score`` for the problem's score modifier
     and additive bias (None if it has neither). Their tensors are captured, so they get gradients."""
     p = problem
     mod, bias = p.score_mod, p.bias
     if mod is None and bias is None:
         return None
-    q_off, k_off = positions(p)
+    q_off, k_off = offsets if offsets is not None else positions(p)
     tensors = mod.tensors if mod is not None else ()
     if bias is not None:  # a stride-0 view, indexed per score like the other tensors
         bias = bias.expand(p.batch, p.q_heads, p.nq, p.nk)
@@ -175,16 +177,49 @@ def kv_blocks(problem: Problem) -> KvBlocks:
     return problem.layout(BLOCK, BLOCK).kv_blocks()
 
 
-def block_mask(problem: Problem) -> BlockMask:
-    """The problem's ``BlockMask``, built from its block view in ``O(tiles)``."""
-    blocks = kv_blocks(problem)
+@dataclass(frozen=True)
+class FlexInputs:
+    """What a Flex call needs besides ``q, k, v`` and the ``score_mod``, built once per block
+    layout: the ``BlockMask`` (its ``mask_mod`` included) and the position offsets ``(B,)`` int64
+    that ``score_mod`` reads (tensors of their own: inductor's CPU template fails to compile when
+    the mask and score graphs capture the same tensor)."""
+
+    block_mask: BlockMask
+    score_offsets: tuple[Tensor, Tensor]
+
+
+def flex_inputs(problem: Problem) -> FlexInputs:
+    """The problem's :class:`FlexInputs`, kept on its block layout (:meth:`BlockLayout.kept`): the
+    layout is cached on the user's mask object, so a model's layers and steps, which pass the same
+    mask with the same shapes and positions, build the BlockMask once instead of per call."""
+    layout = problem.layout(BLOCK, BLOCK)
+    return layout.kept(("flex", problem.requires_grad), lambda: _build_inputs(problem, layout))
+
+
+def _build_inputs(problem: Problem, layout) -> FlexInputs:
+    blocks = layout.kv_blocks()
     # Contiguous (the layout may hand out views) and of dynamic size: no guard on strides or sizes.
     tables = [_dynamic(t.contiguous()) for t in (blocks.kv_num_blocks, blocks.kv_indices,
                                                   blocks.full_kv_num_blocks, blocks.full_kv_indices)]
-    return BlockMask.from_kv_blocks(
+    block_mask = BlockMask.from_kv_blocks(
         *tables,
         BLOCK_SIZE=BLOCK, mask_mod=mask_mod(problem), seq_lengths=(problem.nq, problem.nk),
         compute_q_blocks=problem.requires_grad)
+    return FlexInputs(block_mask, positions(problem))
+
+
+def block_mask(problem: Problem) -> BlockMask:
+    """The problem's ``BlockMask``, built from its block view in ``O(tiles)`` (and kept, see
+    :func:`flex_inputs`)."""
+    return flex_inputs(problem).block_mask
+
+
+def all_finite(t: Tensor) -> bool:
+    """Are all of ``t``'s values finite? One reduction (a sum in float32, float64 for float64,
+    without a temporary the size of ``t``); only when the sum is not finite (a NaN/inf, or an
+    overflow) is every value checked."""
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item()
+    return math.isfinite(total) or bool(torch.isfinite(t).all())
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,11 +372,15 @@ def _rates(problem: Problem) -> Rates:
 
 def visited_scores(problem: Problem) -> tuple[int, int]:
     """Scores Flex computes (in non-empty tiles) and those of them in partial tiles, over all
-    batch elements and heads."""
+    batch elements and heads (counted once per block layout, see :meth:`BlockLayout.kept`)."""
     p = problem
     if p.mask is None or p.nq * p.nk <= costs.SMALL_PROBLEM_SCORES:  # small: no block view needed
         return p.batch * p.q_heads * p.nq * p.nk, 0
-    kinds = tile_kinds(p)
+    layout = p.layout(BLOCK, BLOCK)
+    return layout.kept(("flex visited", p.batch, p.q_heads), lambda: _count_visited(p, layout.kinds))
+
+
+def _count_visited(p: Problem, kinds: Tensor) -> tuple[int, int]:
     rows = torch.clamp(p.nq - torch.arange(kinds.shape[2]) * BLOCK, max=BLOCK)
     cols = torch.clamp(p.nk - torch.arange(kinds.shape[3]) * BLOCK, max=BLOCK)
     area = (rows[:, None] * cols[None, :]).to(kinds.device)
@@ -449,7 +488,8 @@ class FlexBackend:
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor | None]:
         p = problem
-        if p.mask is not None and not bool(torch.isfinite(p.v).all()):
+        inputs = flex_inputs(p)
+        if p.mask is not None and not all_finite(p.v):
             # Flex multiplies every weight of a partial tile by its value, so a NaN/inf value at a
             # hidden key (garbage in a padded batch or an unused cache slot) would reach the output
             # as 0 * NaN. The tiled backend keeps such values out (docs/attention.md, Guarantees).
@@ -464,11 +504,16 @@ class FlexBackend:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
             if p.bias is not None:
                 _dynamic(p.bias)
+        args = (p.q, p.k, p.v, score_mod(p, inputs.score_offsets), inputs.block_mask, p.scale, p.group > 1,
+                p.return_lse)
+        if sig in _READY:  # compiled before: Flex's warnings were given (and silenced) at tracing
+            out, lse = call(*args)
+            return out, (None if lse is None else lse.to(p.compute_dtype))
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")
                 warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
-                out, lse = call(p.q, p.k, p.v, score_mod(p), block_mask(p), p.scale, p.group > 1, p.return_lse)
+                out, lse = call(*args)
         except Exception as err:  # noqa: BLE001 - the first compiled call of a kind may fail to lower
             if not self.compiled or sig in _READY:
                 raise
@@ -487,5 +532,5 @@ class FlexBackend:
         return out, lse
 
 
-__all__ = ["FlexBackend", "BLOCK", "AMORTIZE_CALLS", "compile_count", "block_mask", "mask_mod", "score_mod",
-           "kv_blocks", "positions", "tensorized", "signature"]
+__all__ = ["FlexBackend", "FlexInputs", "BLOCK", "AMORTIZE_CALLS", "compile_count", "flex_inputs", "block_mask",
+           "mask_mod", "score_mod", "kv_blocks", "positions", "tensorized", "signature", "all_finite"]
