@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true")
     parser.add_argument("--repeat", type=int, default=5, help="interleaved timed rounds per problem")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--clock", default="wall", choices=bench.CLOCKS,
+                        help="what the table shows: median wall time, or median process CPU time (steadier on a "
+                             "shared machine, best with --threads 1); both are saved")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention called directly")
     parser.add_argument("--window", type=int, default=1024)
     parser.add_argument("--reference", action="store_true", help="also time the reference backend")
@@ -43,13 +46,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     settings = {"batch": 1, "heads": 4, "head_dim": 64, "dtype": "float32", "window": args.window, "documents": 8,
                 "backward": args.backward, "repeat": args.repeat, "device": args.device,
-                "threads": torch.get_num_threads(), "timing": "median of interleaved rounds, wall clock"}
+                "threads": torch.get_num_threads(), "clock": args.clock,
+                "timing": f"median of interleaved rounds, {args.clock} time (times); samples wall, cpu_samples process CPU"}
     rows = []
     for seq in args.seq:
         for mask in args.masks:
             backends = ["tiled", "sdpa", "flex"] + (["reference"] if args.reference else [])
             row = bench.run_problem(seq, mask, device=args.device, backward=args.backward, repeat=args.repeat,
-                                    window=args.window, peers=() if args.no_flex else ("flex",), backends=backends)
+                                    window=args.window, peers=() if args.no_flex else ("flex",), backends=backends,
+                                    clock=args.clock)
             rows.append(row)
             times = ", ".join(f"{k} {v * 1e3:.1f}" for k, v in row.times.items() if v is not None)
             print(f"N={seq} {mask}: {times} (auto -> {row.auto_choice}; load {row.load[0]:.1f}-{row.load[1]:.1f})",

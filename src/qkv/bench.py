@@ -32,6 +32,7 @@ from qkv.problem import make_problem
 #: The reference backend materialises scores and weights; skip it beyond this many bytes of them.
 REFERENCE_LIMIT_BYTES = 6 << 30
 MASKS = ("full", "causal", "window", "document", "prefix", "window_global")
+CLOCKS = ("wall", "cpu")
 
 
 @dataclass
@@ -50,9 +51,9 @@ class Row:
     cpu_samples: dict[str, list[float]] = field(default_factory=dict)
     load: tuple[float, float] | None = None
 
-    def spread(self, name: str) -> tuple[float, float, float] | None:
+    def spread(self, name: str, clock: str = "wall") -> tuple[float, float, float] | None:
         """``(min, median, max)`` seconds over the timed runs of ``name``, or None if it did not run."""
-        runs = sorted(self.samples.get(name) or [])
+        runs = sorted((self.samples if clock == "wall" else self.cpu_samples).get(name) or [])
         if not runs:
             return None
         return runs[0], median(runs), runs[-1]
@@ -162,9 +163,13 @@ def _flex_runner(q, k, v, mask_name, seq, window, documents):
 
 def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtype=torch.float32, device="cpu",
                 window=512, documents=8, backward=False, repeat=3, peers=("flex",),
-                backends=None) -> Row:
+                backends=None, clock="wall") -> Row:
     """Time one problem on every supporting backend, on auto and on the peers, in ``repeat``
-    interleaved rounds (see :func:`interleaved`)."""
+    interleaved rounds (see :func:`interleaved`). ``clock``: what ``Row.times`` holds, the median
+    ``"wall"`` time or the median process ``"cpu"`` time (steadier on a shared machine; with one
+    thread it is the work done, whatever else runs)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq, head_dim, generator=gen, device=device, dtype=dtype)
                .requires_grad_(backward) for _ in range(3))
@@ -221,7 +226,7 @@ def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtyp
         if why:
             row.notes["flex_direct"] = why
     row.samples, row.cpu_samples = interleaved(fns, repeat, device, warm=False)
-    for name, runs in row.samples.items():
+    for name, runs in (row.samples if clock == "wall" else row.cpu_samples).items():
         row.times[name] = median(runs)
     row.load = (load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
     return row
@@ -287,7 +292,7 @@ def format_table(rows: list[Row], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def format_spread(rows: list[Row], columns: list[str]) -> str:
+def format_spread(rows: list[Row], columns: list[str], clock: str = "wall") -> str:
     """A Markdown table of each timing's spread over its runs, milliseconds ``min / median / max``:
     a wide spread means a noisy machine, and the ratios above are only as good as it."""
     head = ["N", "mask", *columns, "max/min"]
@@ -295,7 +300,7 @@ def format_spread(rows: list[Row], columns: list[str]) -> str:
     for r in rows:
         cells, worst = [str(r.seq), r.mask], 1.0
         for c in columns:
-            spread = r.spread(c) if r.times.get(c) is not None else None
+            spread = r.spread(c, clock) if r.times.get(c) is not None else None
             if spread is None:
                 cells.append("—")
                 continue

@@ -338,8 +338,10 @@ def signature(problem: Problem) -> tuple:
 @dataclass(frozen=True)
 class Rates:
     """Seconds per visited score (fixed part, and per unit of ``D + Dv``), extra per score of a
-    partial tile (the mask evaluated), per call (Python, BlockMask, guards), the backward/forward
-    ratio, the unfused path's seconds per score, and one compilation (forward; with backward)."""
+    partial tile (the mask evaluated: a fixed part and one per unit of the mask's
+    :attr:`~qkv.masks.Mask.work`), per call (Python, the kernel's set-up), the backward/forward
+    ratio, the unfused path's seconds per score, and one compilation (forward; with backward).
+    CPU rates are one thread's (see :mod:`qkv.backends.costs`)."""
 
     score: float
     score_per_dim: float
@@ -349,25 +351,34 @@ class Rates:
     unfused_score: float
     compile_forward: float
     compile_backward: float
+    partial_per_work: float = 0.0
 
 
-#: CPU: fitted on 2 shared cores of an x86-64 server (AVX-512), torch 2.13, B=1 H=4 D=64 float32,
-#: to compiled Flex's forward times in ``benchmarks/results/attention_speed_cpu.json`` (causal,
-#: windows and documents at N = 1k..16k: 1.6-1.7 ns per visited score; Flex has no CPU backward).
-#: Compiling one kind took 6-20 s on that machine (less with inductor's on-disk cache warm).
+#: CPU, AVX2 (``"cpu"``): fitted on 2026-12-01 on 2 vCPUs of an AMD EPYC with AVX2, torch 2.13,
+#: B=1 H=4 D=64 float32, to one-thread CPU times of compiled Flex's forward (through qkv; Flex
+#: called directly took the same) in ``benchmarks/results/attention_speed_cpu.json``: 26 ns per
+#: visited score at every mask and N = 1k-16k (twice tiled's, three times SDPA's: inductor's CPU
+#: template is far slower without AVX-512), ~1.3 ms per call, little more on partial tiles except
+#: for masks that do much work per score (window | global tokens: +5 ns).
+#: CPU, AVX-512 (``"cpu-avx512"``): fitted on 2026-11-23 on 2 cores with AVX-512 to
+#: ``attention_speed_cpu.json`` of then (causal, windows and documents at N = 1k..16k: 1.6-1.7 ns per
+#: visited score on two threads, here doubled to one thread's).
+#: Compiling one kind took 6-20 s on these machines (less with inductor's on-disk cache warm).
 #: CUDA: from the H200 measurements in ``shared/gpu`` (bf16, B=2, H=16, N=8192, D=128: 387 / 304 /
 #: 346 TFLOP/s forward on causal / window 1024 / documents, i.e. ~1.4e-12 s per visited score;
 #: forward+backward 3.6x the forward); the compile times there are estimates, not measurements.
 RATES = {
-    "cpu": Rates(score=0.3e-9, score_per_dim=0.01e-9, partial_score=0.5e-9, call=0.8e-3, backward=2.5,
-                 unfused_score=8e-9, compile_forward=10.0, compile_backward=30.0),
+    "cpu": Rates(score=5.0e-9, score_per_dim=0.166e-9, partial_score=0.0, call=1.25e-3, backward=2.5,
+                 unfused_score=50e-9, compile_forward=10.0, compile_backward=30.0, partial_per_work=0.6e-9),
+    "cpu-avx512": Rates(score=0.6e-9, score_per_dim=0.02e-9, partial_score=1.0e-9, call=0.8e-3, backward=2.5,
+                        unfused_score=16e-9, compile_forward=10.0, compile_backward=30.0),
     "cuda": Rates(score=0.2e-12, score_per_dim=4.7e-15, partial_score=0.3e-12, call=1.5e-4, backward=2.6,
                   unfused_score=5e-12, compile_forward=10.0, compile_backward=30.0),
 }
 
 
 def _rates(problem: Problem) -> Rates:
-    return RATES.get(problem.device.type, RATES["cpu"])
+    return RATES.get(costs.device_key(problem.device), RATES["cpu"])
 
 
 def visited_scores(problem: Problem) -> tuple[int, int]:
@@ -402,9 +413,11 @@ def estimate_seconds(problem: Problem, compiled: bool = True) -> float:
         t = p.batch * p.q_heads * p.nq * p.nk * r.unfused_score * (p.head_dim + p.v_dim) / 128
     else:
         visited, partial = visited_scores(p)
-        t = visited * (r.score + r.score_per_dim * (p.head_dim + p.v_dim)) + partial * r.partial_score
+        work = p.mask.work if p.mask is not None else 0.0
+        t = (visited * (r.score + r.score_per_dim * (p.head_dim + p.v_dim))
+             + partial * (r.partial_score + r.partial_per_work * work))
     t = t * (1 + r.backward) if p.requires_grad else t
-    return r.call + t
+    return r.call + t / costs.parallel(p)
 
 
 # --------------------------------------------------------------------------------------------

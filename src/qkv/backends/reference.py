@@ -100,7 +100,7 @@ class ReferenceBackend:
         p = problem
         r = costs.rates(p)
         t = p.nq * p.nk * p.batch * p.q_heads * r.reference_score * (p.head_dim + p.v_dim) / 128
-        return costs.with_backward(p, t, r.tiled_backward)
+        return costs.with_backward(p, t / costs.parallel(p), r.tiled_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
         hidden = hidden_entries(problem)

@@ -80,7 +80,7 @@ class SdpaBackend:
             t *= r.sdpa_causal_fraction
         if dense_mask_bytes(p):
             t = t * r.sdpa_mask_slowdown + p.batch * p.nq * p.nk * r.mask_element
-        return costs.with_backward(p, t, r.sdpa_backward)
+        return costs.with_backward(p, t / costs.parallel(p), r.sdpa_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, None]:
         p = problem

@@ -356,9 +356,10 @@ class TiledBackend:
             visited, partial, steps = layout.kept(("tiled counts", s.max_run, p.batch, heads),
                                                   lambda: _count_walk(p, layout, s))
         bias = r.tiled_bias_score if p.bias is not None else 0.0
-        t = (visited * (r.tiled_score + r.tiled_score_per_dim * (p.head_dim + p.v_dim) + bias)
-             + partial * r.tiled_partial_score + steps * r.tiled_step)
-        return costs.with_backward(p, t, r.tiled_backward)
+        work = p.mask.work if p.mask is not None else 0.0
+        arithmetic = (visited * (r.tiled_score + r.tiled_score_per_dim * (p.head_dim + p.v_dim) + bias)
+                      + partial * (r.tiled_partial_score + r.tiled_partial_per_work * work))
+        return costs.with_backward(p, arithmetic / costs.parallel(p) + steps * r.tiled_step, r.tiled_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
         s = self.sizes

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=[name for name in REGISTRY if name != "reference"],
                         help=f"qkv backends to time, of {', '.join(REGISTRY)}")
     timing.add_argument("--repeat", type=int, default=3, help="timed rounds per problem, every backend once per round (the table shows the median)")
+    timing.add_argument("--clock", default="wall", choices=bench.CLOCKS,
+                        help="the table's times: median wall time, or median process CPU time (steadier on a busy "
+                             "machine; default: wall)")
     timing.add_argument("--flex", action="store_true",
                         help="also time FlexAttention called directly (flex_direct: its own create_block_mask, "
                              "compiled once per shape: slow; default: off)")
@@ -82,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     env = bench.environment()
     direction = "forward + backward" if args.backward else "forward"
     print(f"qkv bench: B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} {direction} on {args.device}; "
-          f"median of {args.repeat} interleaved rounds, milliseconds")
+          f"median of {args.repeat} interleaved rounds, milliseconds of {args.clock} time")
     print(f"torch {env['torch']}, {env['cpu_threads']} CPU threads{', ' + env['gpu'] if 'gpu' in env else ''}, {env['date']}, "
           f"load average {env['load_average']}")
     rows = []
@@ -91,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append(bench.run_problem(seq, mask, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                                           dtype=DTYPES[args.dtype], device=args.device, window=args.window,
                                           documents=args.documents, backward=args.backward, repeat=args.repeat,
-                                          peers=("flex",) if args.flex else (), backends=args.backends))
+                                          peers=("flex",) if args.flex else (), backends=args.backends,
+                                          clock=args.clock))
             print(f"  N={seq:<6} {mask:<9} done", flush=True)
     report(rows, args)
     if args.json:
@@ -105,9 +109,8 @@ def report(rows: list[bench.Row], args: argparse.Namespace) -> None:
     columns = [c for c in (*args.backends, "flex_direct") if any(r.times.get(c) is not None for r in rows)]
     print()
     print(bench.format_table(rows, columns))
-    print(f"\nspread over the {args.repeat} timed runs, milliseconds min / median / max "
-          "(auto is the backend it picks):")
-    print(bench.format_spread(rows, columns))
+    print(f"\nspread over the {args.repeat} timed rounds, milliseconds of {args.clock} time min / median / max:")
+    print(bench.format_spread(rows, [*columns, "auto"], args.clock))
     if rows and rows[-1].flex_compiles is not None:
         print(f"\nflex compiles: {rows[-1].flex_compiles} (one per kind of problem; new lengths, windows, ids reuse them)")
     notes = sorted({f"{name}: {why}" for r in rows for name, why in r.notes.items()})
