@@ -50,7 +50,7 @@ def features(row: dict) -> dict:
     flex_visited, flex_partial = flex_backend.visited_scores(p)
     sizes = REGISTRY["tiled"].sizes
     if mask is None:
-        tiled = (p.batch * p.q_heads * n * n, 0, -(-n // sizes.block_q) * -(-n // sizes.max_run))
+        tiled = (p.batch * p.q_heads * n * n, 0, -(-n // sizes.block_q) * -(-n // sizes.max_run), 0)
     else:
         tiled = _count_walk(p, p.layout(sizes.block_q, sizes.block_k), sizes)
     return {"problem": p, "flex": (flex_visited, flex_partial), "tiled": tiled,
@@ -63,7 +63,8 @@ def estimates(p) -> dict[str, float]:
 
 
 def check(rows: list[dict]) -> None:
-    print("| N | mask | " + " | ".join(f"{b} meas / est" for b in BACKENDS) + " | best | estimates pick | picked/best |")
+    print("| N | mask | " + " | ".join(f"{b} meas / est" for b in BACKENDS)
+          + " | best | estimates pick | picked/best |")
     print("|---|---|" + "---|" * (len(BACKENDS) + 3))
     worst = 1.0
     for row in rows:
@@ -94,15 +95,16 @@ def fit(rows: list[dict]) -> None:
     cpu = costs.RATES[costs.device_key(torch.device("cpu"))]
     fr = flex_backend.RATES[costs.device_key(torch.device("cpu"))]
     one = [dict(r, t={b: r["times"][b] * r["threads"] for b in BACKENDS if r["times"].get(b)}) for r in rows]
-    # tiled: visited * a + partial * (b + c * work) + steps * d
+    # tiled: visited * a + partial * (b + c * work) + steps * d + partial steps * work * e
     sel = [r for r in one if "tiled" in r["t"]]
     f = [r["features"]["tiled"] for r in sel]
-    a, b, c, d = _lstsq([[v for v, _, _ in f], [pt for _, pt, _ in f],
-                         [pt * r["features"]["work"] for (_, pt, _), r in zip(f, sel)], [s for _, _, s in f]],
-                        [r["t"]["tiled"] for r in sel])
+    work = [r["features"]["work"] for r in sel]
+    a, b, c, d, e = _lstsq([[v for v, *_ in f], [pt for _, pt, *_ in f], [x[1] * w for x, w in zip(f, work)],
+                            [x[2] for x in f], [x[3] * w for x, w in zip(f, work)]], [r["t"]["tiled"] for r in sel])
     share = cpu.tiled_score / (cpu.tiled_score + cpu.tiled_score_per_dim * dims)
     print(f"tiled: tiled_score={a * share:.3g}, tiled_score_per_dim={a * (1 - share) / dims:.3g}, "
-          f"tiled_partial_score={b:.3g}, tiled_partial_per_work={c:.3g}, tiled_step={d:.3g}")
+          f"tiled_partial_score={b:.3g}, tiled_partial_per_work={c:.3g}, tiled_step={d:.3g}, "
+          f"tiled_partial_step_per_work={e:.3g}")
     # flex: call + visited * a + partial * (b + c * work)
     sel = [r for r in one if "flex" in r["t"]]
     f = [r["features"]["flex"] for r in sel]

@@ -40,19 +40,27 @@ class Rates:
     tiled_partial_score: float    # tiled, extra per score on a partial tile (mask evaluation)
     tiled_bias_score: float       # tiled, extra per visited score with a float mask (slice, add)
     tiled_step: float             # tiled, fixed cost of one run of tiles (Python, dispatch)
-    reference_score: float        # reference, per score (materialised softmax)
+    reference_score: float        # reference, fixed part per score (materialised scores, softmax)
     sdpa_backward: float          # backward / forward time
     tiled_backward: float
     tiled_partial_per_work: float = 0.0  # tiled, extra per partial score per unit of the mask's work
+    tiled_partial_step_per_work: float = 0.0  # tiled, extra per partial run per unit of the mask's work
+    reference_score_per_dim: float = 0.0  # reference, per score and per unit of D + Dv
+    reference_call: float = 0.0   # reference, fixed cost of a call
+    sdpa_mask_call: float = 0.0   # sdpa, fixed cost of a call with a dense mask (building it, the guards)
 
 
 #: CPU, AVX2 (``"cpu"``, also the set for CPUs not fitted): 2 vCPUs of an AMD EPYC with AVX2 (no
 #: AVX-512), torch 2.13, B=1 H=4 D=64 float32, fitted on 2026-12-01 to one-thread CPU times of
 #: ``benchmarks/results/attention_speed_cpu.json``'s masks at N = 1k-16k: SDPA 9.4-9.7 ns per
-#: score, x0.6-0.8 with ``is_causal``, 11-14 ns per score with a dense mask; tiled 12-13 ns per
-#: visited score, 3-13 ns more on partial tiles (rising with the mask's work), 0.8 ms per run of
-#: tiles; a float mask x1.17-1.38 on tiled, 2.1-4.8 ns per score (``benchmarks/tiled_bias_cost.py``);
-#: the reference 17 ns per score at N = 1k.
+#: score, x0.55-0.8 with ``is_causal``, 11-14 ns per score with a dense mask; tiled 12-13 ns per
+#: visited score, 1-9 ns more on partial tiles (rising with the mask's work), 0.8 ms per run of
+#: tiles (0.65-0.7 ms of it with next to no arithmetic: Python and op dispatch, which more threads
+#: do not shorten) and ~0.15 ms more per unit of work on a partial run (the mask's small tensor
+#: operations); a float mask x1.17-1.38 on tiled, 2.1-4.8 ns per score
+#: (``benchmarks/tiled_bias_cost.py``); the reference 17-21 ns per score at N = 1k (D = 16, 64);
+#: per call, about 0.6 ms of fixed work for SDPA with a dense mask and 0.9 ms for the reference
+#: (small problems: B=1, H=2-12, N=64-256).
 #: CPU, AVX-512 (``"cpu-avx512"``): fitted on 2026-11-23 on 2 cores of an x86-64 server with
 #: AVX-512, torch 2.13, B=1 H=4 D=64 float32, on two threads (here doubled to one thread's);
 #: ``tiled_bias_score`` refitted with ``benchmarks/tiled_bias_cost.py`` (one thread, CPU time):
@@ -61,18 +69,20 @@ class Rates:
 #: a PyTorch-level tiled loop; to be fitted when measured.
 RATES = {
     "cpu": Rates(sdpa_score=2.1e-9, sdpa_score_per_dim=0.058e-9, sdpa_causal_fraction=0.65,
-                 sdpa_mask_slowdown=1.15, mask_element=6.3e-9, tiled_score=3.9e-9,
-                 tiled_score_per_dim=0.065e-9, tiled_partial_score=3.5e-9, tiled_bias_score=4.5e-9,
-                 tiled_step=0.8e-3, reference_score=20e-9, sdpa_backward=2.6, tiled_backward=3.3,
-                 tiled_partial_per_work=1.1e-9),
+                 sdpa_mask_slowdown=1.15, mask_element=6.5e-9, tiled_score=3.8e-9,
+                 tiled_score_per_dim=0.064e-9, tiled_partial_score=1.5e-9, tiled_bias_score=4.5e-9,
+                 tiled_step=0.8e-3, reference_score=13e-9, sdpa_backward=2.6, tiled_backward=3.3,
+                 tiled_partial_per_work=1.0e-9, tiled_partial_step_per_work=0.12e-3,
+                 reference_score_per_dim=0.04e-9, reference_call=0.9e-3, sdpa_mask_call=0.6e-3),
     "cpu-avx512": Rates(sdpa_score=0.6e-9, sdpa_score_per_dim=0.0166e-9, sdpa_causal_fraction=0.57,
                         sdpa_mask_slowdown=1.5, mask_element=1.6e-9, tiled_score=1.2e-9,
                         tiled_score_per_dim=0.0204e-9, tiled_partial_score=6e-9, tiled_bias_score=2.0e-9,
-                        tiled_step=1.2e-4, reference_score=20e-9, sdpa_backward=2.6, tiled_backward=3.3),
+                        tiled_step=1.2e-4, reference_score=0.0, sdpa_backward=2.6, tiled_backward=3.3,
+                        reference_score_per_dim=20e-9 / 128),
     "cuda": Rates(sdpa_score=2e-13, sdpa_score_per_dim=2e-15, sdpa_causal_fraction=0.55,
                   sdpa_mask_slowdown=2.0, mask_element=5e-13, tiled_score=2e-12, tiled_score_per_dim=4e-15,
-                  tiled_partial_score=2e-12, tiled_bias_score=2e-12, tiled_step=2e-4, reference_score=5e-12,
-                  sdpa_backward=2.5, tiled_backward=3.0),
+                  tiled_partial_score=2e-12, tiled_bias_score=2e-12, tiled_step=2e-4, reference_score=0.0,
+                  sdpa_backward=2.5, tiled_backward=3.0, reference_score_per_dim=5e-12 / 128),
 }
 
 

@@ -369,7 +369,7 @@ class Rates:
 #: forward+backward 3.6x the forward); the compile times there are estimates, not measurements.
 RATES = {
     "cpu": Rates(score=5.0e-9, score_per_dim=0.166e-9, partial_score=0.0, call=1.25e-3, backward=2.5,
-                 unfused_score=50e-9, compile_forward=10.0, compile_backward=30.0, partial_per_work=0.6e-9),
+                 unfused_score=50e-9, compile_forward=10.0, compile_backward=30.0, partial_per_work=1.0e-9),
     "cpu-avx512": Rates(score=0.6e-9, score_per_dim=0.02e-9, partial_score=1.0e-9, call=0.8e-3, backward=2.5,
                         unfused_score=16e-9, compile_forward=10.0, compile_backward=30.0),
     "cuda": Rates(score=0.2e-12, score_per_dim=4.7e-15, partial_score=0.3e-12, call=1.5e-4, backward=2.6,
