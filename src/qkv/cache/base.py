@@ -201,6 +201,10 @@ def appending_step(lengths: Tensor, counts: Tensor, n: int, num_keys: int, devic
 class CacheLayer:
     """One layer's view of a cache during a step, as :class:`qkv.nn.MultiHeadAttention` uses it."""
 
+    #: A layer may run the attention over what ``update`` returned itself (``attend(q, k, v, mask)``,
+    #: as a fixed-shape compiled step's layer does); None: :func:`qkv.attention` runs it.
+    attend = None
+
     def __init__(self, cache: KVCacheBase, index: int):
         self.cache, self.index = cache, index
 
@@ -231,13 +235,16 @@ class CacheLayer:
 
         With grad mode on the returned tensors are copies in which this step's ``k, v`` are
         differentiable; without it they may be views of the cache's buffers."""
-        step = self.cache.step
+        cache = self.cache
+        step = cache._step
+        if step is None:
+            step = cache.step  # raises: no step in progress
         if DEBUG or not step.checked:
-            self.cache.check_kv(k, v, step.n)
+            cache.check_kv(k, v, step.n)
         if not torch.is_grad_enabled():
-            keys, values = self.cache.store_and_read(self.index, k, v)
+            keys, values = cache.store_and_read(self.index, k, v)
         else:  # never a view of a buffer that a later step overwrites
-            keys, values = self.cache.store_and_read(self.index, k.detach(), v.detach())
+            keys, values = cache.store_and_read(self.index, k.detach(), v.detach())
             keys, values = keys.clone(), values.clone()
             put_tokens(keys, k, step.new_columns)
             put_tokens(values, v, step.new_columns)
