@@ -135,24 +135,27 @@ def environment() -> dict:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": {"type": "cpu", "name": cpu_name(), "logical_cores": os.cpu_count(),
-                   "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg()},
+                   "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+                   "load_average_at_start": os.getloadavg()},
         "versions": {"qkv": qkv.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
                      "platform": platform.platform()},
     }
 
 
-def interleaved(contenders: dict, rounds: int) -> dict[str, list[float]]:
-    """Wall times of every contender over ``rounds`` rounds, each round running all of them once
-    in an order rotated by one per round (after one warm-up run each)."""
+def interleaved(contenders: dict, rounds: int, clock=time.thread_time) -> dict[str, list[float]]:
+    """Times by ``clock`` of every contender over ``rounds`` rounds, each round running all of them
+    once in an order rotated by one per round (after one warm-up run each). The default clock is
+    the CPU time of this thread: with one torch thread all the work runs on it, and time spent
+    waiting for a core that other jobs hold is not counted (wall time would count it)."""
     names = list(contenders)
     for name in names:
         contenders[name]()
     times: dict[str, list[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
-            start = time.perf_counter()
+            start = clock()
             contenders[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return times
 
 
@@ -207,31 +210,44 @@ def profile_steps(model: Decoder, twin: PlainDecoder, vocab: int, prompt_len: in
     return {"qkv": op_counts(qkv_step, steps), "plain": op_counts(plain_step, steps)}
 
 
-def attention_overhead(rounds: int, calls: int = 200) -> list[dict]:
+def attention_overhead(rounds: int, calls: int = 200, block: int = 10) -> list[dict]:
     """Per-call time of ``qkv.attention`` minus ``F.scaled_dot_product_attention`` on decode-step
-    problems (one query over ``Nk`` cached keys), interleaved rounds of ``calls`` calls each."""
+    problems (one query over ``Nk`` cached keys): at least 15 rounds of ``calls`` calls of each
+    contender, run in alternating blocks of ``block`` calls (so that a slow spell of a shared
+    machine falls on all of them), CPU time of this thread; the overhead is the median over the
+    rounds of the round's difference (the differences are a few µs, the kernels' own spread on
+    larger problems more)."""
+    rounds = max(rounds, 15)
     rows = []
     g = torch.Generator().manual_seed(0)
     for batch, heads, nk, dim in ((1, 1, 16, 16), (1, 4, 512, 64), (1, 8, 288, 32), (8, 8, 288, 32)):
         q = torch.randn(batch, heads, 1, dim, generator=g)
         k, v = torch.randn(2, batch, heads, nk, dim, generator=g)
-
-        def loop(fn):
-            def run():
-                for _ in range(calls):
-                    fn()
-            return run
-
-        contenders = {"sdpa": loop(lambda: F.scaled_dot_product_attention(q, k, v)),
-                      "qkv": loop(lambda: qkv.attention(q, k, v)),
-                      "qkv_causal": loop(lambda: qkv.attention(q, k, v, qkv.causal()))}
-        times = interleaved(contenders, rounds)
+        contenders = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
+                      "qkv": lambda: qkv.attention(q, k, v),
+                      "qkv_causal": lambda: qkv.attention(q, k, v, qkv.causal())}
+        names = list(contenders)
+        for fn in contenders.values():  # warm-up: the fast path decides each signature once
+            for _ in range(block):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(rounds):
+            spent = dict.fromkeys(names, 0.0)
+            for b in range(calls // block):
+                for name in names[(r + b) % len(names):] + names[:(r + b) % len(names)]:
+                    fn = contenders[name]
+                    start = time.thread_time()
+                    for _ in range(block):
+                        fn()
+                    spent[name] += time.thread_time() - start
+            for name in names:
+                times[name].append(spent[name] / (calls // block * block))
 
         def overhead_us(name):  # median over rounds of (this round's qkv time - its sdpa time) per call
-            return statistics.median(a - b for a, b in zip(times[name], times["sdpa"])) / calls * 1e6
+            return statistics.median(a - b for a, b in zip(times[name], times["sdpa"])) * 1e6
 
         rows.append({"B": batch, "H": heads, "Nq": 1, "Nk": nk, "D": dim, "dtype": "float32",
-                     "sdpa_us": statistics.median(times["sdpa"]) / calls * 1e6,
+                     "sdpa_us": statistics.median(times["sdpa"]) * 1e6,
                      "qkv_overhead_us": overhead_us("qkv"), "qkv_causal_overhead_us": overhead_us("qkv_causal"),
                      "dispatch": qkv.explain_dispatch(q, k, v).chosen})
     return rows
@@ -249,9 +265,11 @@ def twin_main(args) -> int:
                         "norm": "rmsnorm", "dtype": "float32"},
               "method": (f"greedy generate, {args.prompt}-token prompt + {args.new_tokens} new tokens (prefill "
                          f"included), {args.rounds} interleaved rounds in one process (order rotated each "
-                         "round), medians; tokens/s = batch * new tokens / median time; speed ratios > 1 "
-                         "mean faster than the plain twin. The CPU is shared with other work: compare the "
-                         "ratios, not the absolute rates, across runs"),
+                         "round), medians of the CPU time of the one thread that runs everything "
+                         "(time.thread_time; wall times in all_wall_s); tokens/s = batch * new tokens / "
+                         "median time; speed ratios > 1 mean faster than the plain twin. The CPU is shared "
+                         "with other work: compare the ratios, not the absolute rates, across runs. The "
+                         "compiled step is compiled before timing (first_call_s: the first call of each, compiling included)"),
               "generate": []}
     for batch in args.batches:
         prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
@@ -261,11 +279,27 @@ def twin_main(args) -> int:
         }
         if can_compile:
             contenders["qkv_compiled"] = lambda: model.generate(prompt, args.new_tokens, temperature=0, compile=True)
-        outputs = {name: fn() for name, fn in contenders.items()}  # also compiles
+        outputs, first_call_s = {}, {}
+        for name, fn in contenders.items():  # also compiles
+            start = time.perf_counter()
+            outputs[name] = fn()
+            first_call_s[name] = time.perf_counter() - start
         same = {name: bool(torch.equal(out, outputs["plain"])) for name, out in outputs.items()}
-        times = interleaved(contenders, args.rounds)
+        wall: dict[str, list[float]] = {name: [] for name in contenders}
+
+        def timed(name, fn):
+            def run():
+                start = time.perf_counter()
+                fn()
+                wall[name].append(time.perf_counter() - start)
+            return run
+
+        times = interleaved({name: timed(name, fn) for name, fn in contenders.items()}, args.rounds)
         summary = summarize_times(times, "plain", batch * args.new_tokens)
-        result["generate"].append({"batch": batch, "same_tokens_as_plain": same, "results": summary})
+        for name in summary:
+            summary[name]["all_wall_s"] = wall[name][1:]  # without the warm-up run
+        result["generate"].append({"batch": batch, "same_tokens_as_plain": same, "first_call_s": first_call_s,
+                                   "load_average": os.getloadavg(), "results": summary})
         line = ", ".join(f"{name} {s['rate']:7.1f} tok/s ({s['speed_vs_plain']:.2f}x, rounds "
                          f"{s['median_round_ratio_vs_plain']:.2f}x)" for name, s in summary.items())
         print(f"batch {batch}: {line}; same tokens: {same}", flush=True)
@@ -277,6 +311,7 @@ def twin_main(args) -> int:
     for r in result["attention_overhead"]:
         print(f"attention B={r['B']} H={r['H']} Nk={r['Nk']} D={r['D']}: sdpa {r['sdpa_us']:.1f} us, qkv +"
               f"{r['qkv_overhead_us']:.1f} us, qkv causal +{r['qkv_causal_overhead_us']:.1f} us", flush=True)
+    result["device"]["load_average"] = os.getloadavg()  # at the end
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print()

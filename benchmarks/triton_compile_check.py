@@ -6,6 +6,7 @@ of a set of problems (instead of running them), compiles each for ``--arch`` (de
 H100/H200) with Triton's own ptxas, and prints each kernel's shared memory and spills-free status.
 
     PYTHONPATH=src python benchmarks/triton_compile_check.py [--arch 90] [--all-configs]
+        [--kernels _decode_kernel _merge_kernel]
 """
 
 from __future__ import annotations
@@ -96,11 +97,28 @@ def problems():
     yield "forward D=512", (r(1, 2, n, 512),) * 3, dict(mask=qkv.causal(), forward_only=True)
 
 
+def paged_problems():
+    """Paged decode (through :class:`decode.PagedDecode`): page-aligned tiles (``PAGED`` 2) with a
+    window and sinks (per-sequence tile lists), pages smaller than a tile (``PAGED`` 1), GQA 4:1."""
+    g = torch.Generator().manual_seed(1)
+    window = qkv.sliding_window(256) | (qkv.key_padding(4) & qkv.causal())
+    for label, page, mask, dt in (("paged window+sinks bf16", 64, window, torch.bfloat16),
+                                  ("paged page=16 fp16", 16, None, torch.float16)):
+        lengths = torch.tensor([1000, 77, 512], dtype=torch.int32)
+        width = -(-1000 // page)
+        table = torch.randperm(3 * width, generator=g)[:3 * width].view(3, width).to(torch.int32)
+        q = torch.randn(3, 32, 1, 128, generator=g).to(dt)
+        k_pages, v_pages = (torch.randn(3 * width, 8, page, 128, generator=g).to(dt) for _ in range(2))
+        yield label, q, k_pages, v_pages, table, lengths, mask
+
+
 def record(all_configs: bool):
     calls = []
     for name in ("_fwd_kernel", "_dq_kernel", "_dkdv_kernel"):
         setattr(kernels, name, Recorder(getattr(kernels, name), calls))
     decode._decode_kernel = Recorder(decode._decode_kernel, calls)
+    decode._merge_kernel = Recorder(decode._merge_kernel, calls)
+    decode._runs_on = lambda device: True  # recording on the CPU
     for label, (q, k, v), kw in problems():
         grads = kw.pop("grads", 0)
         forward_only = kw.pop("forward_only", False)
@@ -117,17 +135,41 @@ def record(all_configs: bool):
         for cfg in fwd:
             run._forward(cfg, q, k, v, out, lse)
         if not forward_only:
-            configs._CACHE.clear()
-            for cfg in bwd:
-                configs._CACHE[run.key("bwd")] = cfg
-                run.backward(q, k, v, out, lse, torch.ones_like(out), None, grads == 1, grads == 2)
-        if mask.mode != 2 and kw.get("dropout_p", 0) == 0:
+            # The deterministic backward, and for a few problems the atomic-dq one (set_deterministic(False)).
+            for atomic in (False, True) if label.startswith(("window", "bits", "dropout")) else (False,):
+                configs._DETERMINISTIC = not atomic
+                for cfg in bwd:
+                    configs._CACHE.clear()
+                    configs._CACHE[run.key("bwd") + (("atomic dq",) if atomic else ())] = cfg
+                    os.environ["QKV_TRITON_AUTOTUNE"] = "1"  # pick() takes the cached entry
+                    run.backward(q, k, v, out, lse, torch.ones_like(out), None, grads == 1, grads == 2)
+                    os.environ["QKV_TRITON_AUTOTUNE"] = "0"
+            configs._DETERMINISTIC = True
+        if mask.mode != 2 and kw.get("dropout_p", 0) == 0:  # split-KV decode of two query tokens, and its merge
             qd = q[:, :, :2].contiguous()
             pd = make_problem(qd, k, v, **kw)
-            decode.decode_problem(pd, mask_program(pd.mask, pd.batch, pd.nq, pd.nk, pd.device),
-                                  score_program(pd.score_mod))
+            klen = torch.full((pd.batch,), pd.nk, dtype=torch.int32)
+            launch_d = decode.DecodeLaunch(pd, mask_program(pd.mask, pd.batch, pd.nq, pd.nk, pd.device),
+                                           score_program(pd.score_mod), klen, pd.nk)
+            _decode_all(launch_d, qd, k, v, all_configs)
         for c in calls[start:]:
             yield label, c
+    for label, q, k_pages, v_pages, table, lengths, mask in paged_problems():
+        start = len(calls)
+        plan = decode.PagedDecode(q, table, lengths, mask, page_size=k_pages.shape[2], kv_heads=k_pages.shape[1])
+        _decode_all(plan.launch, q, k_pages, v_pages, all_configs)
+        for c in calls[start:]:
+            yield label, c
+
+
+def _decode_all(launch_d, q, k, v, all_configs: bool) -> None:
+    """Record the decode launch at the first (or every) decode configuration."""
+    p = launch_d.p
+    out = torch.empty(p.batch, p.q_heads, p.nq, p.v_dim, dtype=q.dtype)
+    lse = torch.empty(p.batch, p.q_heads, p.nq)
+    for cfg in configs.candidates("decode", max(p.head_dim, p.v_dim), p.dtype == torch.float32)[
+            :None if all_configs else 1]:
+        launch_d._run(cfg, q, k, v, out, lse)
 
 
 def resources(compiled) -> str:
@@ -150,11 +192,19 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--arch", type=int, default=90)
     parser.add_argument("--all-configs", action="store_true", help="every autotuning candidate, not only the first")
+    parser.add_argument("--kernels", nargs="+", help="only these kernels (e.g. _decode_kernel _merge_kernel)")
     args = parser.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
+    seen = set()
     for label, (fn, a, kw) in record(args.all_configs):
+        if args.kernels and fn.__name__ not in args.kernels:
+            continue
         sig, consts, attrs, opts = signature(fn, a, kw)
+        key = (fn.__name__, repr(sorted(sig.items())), repr(sorted(consts.items())), repr(sorted(attrs)), repr(opts))
+        if key in seen:  # the same specialisation compiled already (e.g. one merge kernel serves many)
+            continue
+        seen.add(key)
         t = time.time()
         try:
             compiled = triton.compile(ASTSource(fn, sig, consts, attrs), target=target, options=opts)

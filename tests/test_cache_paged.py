@@ -7,6 +7,7 @@ values, so they agree to summation order (1e-10 bound)."""
 import pytest
 import torch
 
+import qkv
 from qkv.cache import CacheFullError, KVCache, PagedKVCache
 from tests.decoders import TOL, make_model
 
@@ -203,3 +204,44 @@ def test_sequence_and_batch_errors():
         args = dict(num_layers=1, num_pages=2, page_size=2, num_kv_heads=1, head_dim=2) | kwargs
         with pytest.raises((ValueError, TypeError), match=match):
             PagedKVCache(**args)
+
+
+def _window_mask(window, sinks):
+    return qkv.sliding_window(window) | qkv.from_function(lambda b, h, q, k: (k < sinks) & (k <= q), f"sinks{sinks}")
+
+
+@pytest.mark.parametrize("sinks", [0, 3])
+def test_window_and_sinks_equal_a_full_pass_under_their_mask(sinks):
+    """A batch with window=4 (and sinks) sees what a full pass under that mask sees: ragged rows
+    (explicit positions), then a uniform batch whose first steps hold fewer keys than sinks."""
+    model = make_model()
+    ids = torch.randint(0, 37, (3, 16), generator=torch.Generator().manual_seed(2))
+    lengths = torch.tensor([5, 11, 2])
+    pool = new_pool(model, num_pages=64, page_size=3)
+    batch = pool.batch([pool.add_sequence() for _ in range(3)], window=4, sinks=sinks)
+    prompt = model(ids[:, :11], batch, lengths=lengths)
+    steps = [model(ids[torch.arange(3), lengths + t][:, None], batch) for t in range(4)]
+    assert batch.last_read == "gathered"  # on the CPU: the pages are gathered
+    mask = _window_mask(4, sinks)
+    for row, n in enumerate(lengths.tolist()):
+        full = model(ids[row:row + 1, :n + 4], mask=mask)[0]
+        torch.testing.assert_close(prompt[row, :n], full[:n], **TOL)
+        for t, step in enumerate(steps):
+            torch.testing.assert_close(step[row, 0], full[n + t], **TOL)
+    uniform = pool.batch([pool.add_sequence() for _ in range(2)], window=4, sinks=sinks)
+    got = [model(ids[:2, :2], uniform)] + [model(ids[:2, t:t + 1], uniform) for t in range(2, 9)]
+    torch.testing.assert_close(torch.cat(got, 1), model(ids[:2, :9], mask=mask), **TOL)
+
+
+def test_window_and_sinks_are_checked():
+    model = make_model()
+    pool = new_pool(model)
+    seq = pool.add_sequence()
+    with pytest.raises(ValueError, match="window"):
+        pool.batch([seq], window=0)
+    with pytest.raises(ValueError, match="sinks"):
+        pool.batch([seq], sinks=2)
+    with pytest.raises(ValueError, match="sinks"):
+        pool.batch([seq], window=4, sinks=-1)
+    with pytest.raises(TypeError, match="read_in_place"):
+        pool.batch([seq], read_in_place="yes")

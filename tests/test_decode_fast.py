@@ -15,6 +15,7 @@ from qkv.backends import REGISTRY
 from qkv.cache import KVCache, PagedKVCache, StreamingKVCache, set_debug
 from qkv.nn import Decoder, RotaryEmbedding
 from qkv.nn.compiled import DecodeStep
+from qkv.nn.fused import fused_projections
 from qkv.problem import make_problem
 from tests.decoders import TOL, make_model
 
@@ -194,6 +195,52 @@ def test_decode_step_compiles_whole_and_decodes_the_same_tokens():
     for b, n in enumerate(cache.lengths.tolist()):
         torch.testing.assert_close(cache.k[:, b, :, :n], eager.k[:, b, :, :n], **TOL)
         torch.testing.assert_close(cache.v[:, b, :, :n], eager.v[:, b, :, :n], **TOL)
+
+
+def test_compiled_cpu_step_reads_the_filled_slots_with_one_graph():
+    """On the CPU the step's length is a dynamic size: one graph for every length of a uniform
+    batch, one more for a ragged one (masked); a cache of exactly the needed capacity works too (its
+    last step reads the whole buffer and runs uncompiled)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from tests.test_generate import make_model as confident_model
+
+    model = confident_model()
+    prompts = torch.randint(0, 23, (2, 5))
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    out = model.generate(prompts, 12, temperature=0, compile={"backend": counter})
+    assert torch.equal(out, model.generate(prompts, 12, temperature=0)) and counter.frame_count == 1
+    step, _ = next(iter(model._compiled_decode_steps.values()))
+    assert step.capacity == 5 + 12  # one slot of headroom: no step reads the whole buffer
+    lengths = torch.tensor([2, 5])
+    ragged = model.generate(prompts, 12, temperature=0, lengths=lengths, compile={"backend": counter})
+    assert torch.equal(ragged, model.generate(prompts, 12, temperature=0, lengths=lengths))
+    assert counter.frame_count == 2
+    exact = KVCache(batch_size=2, capacity=5 + 12 - 1, **model.cache_spec())
+    assert torch.equal(model.generate(prompts, 12, temperature=0, cache=exact, compile={"backend": counter}), out)
+    assert exact.lengths.tolist() == [16, 16]
+
+
+def test_decode_step_called_directly_equals_a_model_step():
+    """Uncompiled, over all slots under a key mask (what CUDA graphs replay), rows at different
+    positions: the logits of the eager step."""
+    model = make_model()
+    ids = torch.randint(0, 37, (2, 7))
+    lengths = torch.tensor([4, 6])
+    cache = KVCache(batch_size=2, capacity=10, **model.cache_spec())
+    eager = KVCache(batch_size=2, capacity=10, **model.cache_spec())
+    with torch.no_grad():
+        model(ids[:, :6], cache, lengths=lengths)
+        model(ids[:, :6], eager, lengths=lengths)
+        cache.k[:, 0, :, 4:] = float("nan")  # never-written slots: prepare() zeroes them
+        step = DecodeStep(model, cache)
+        step.prepare()
+        tokens = ids[:, 6:]
+        with fused_projections(model, step.fused):
+            got = step(tokens, lengths)
+        expected = model(tokens, eager)
+    torch.testing.assert_close(got, expected, **TOL)
 
 
 def test_compile_refuses_what_the_fixed_shape_step_cannot_serve():

@@ -181,8 +181,19 @@ def test_relative_bias_table_gets_gradients(per_head):
                                                                              scores.softcap(4.0)), learnable=[table])
 
 
-def test_dropout_drops_the_same_weights_as_tiled():
-    """With v = identity the output is the dropped weight matrix itself."""
+@pytest.fixture
+def atomic_dq(monkeypatch):
+    """The backward's non-deterministic mode (configs.set_deterministic(False)) for one test."""
+    from qkv.backends.triton import configs
+
+    monkeypatch.setattr(configs, "_DETERMINISTIC", False)
+
+
+@pytest.mark.parametrize("mode", ["deterministic", "atomic_dq"])
+def test_dropout_drops_the_same_weights_as_tiled(mode, request):
+    """With v = identity the output is the dropped weight matrix itself (both backward modes)."""
+    if mode == "atomic_dq":
+        request.getfixturevalue("atomic_dq")
     B, H, n = 1, 2, 32
     q = torch.randn(B, H, n, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(B, H, n, 16, device=DEVICE, requires_grad=True)
@@ -216,9 +227,24 @@ def test_unsupported_problems_say_why():
     assert not backend.unsupported(make_problem(q, q, q, qkv.causal()))
 
 
+@pytest.mark.parametrize("mask", ["composed", "from_function"])
+def test_atomic_dq_backward(mask, atomic_dq):
+    """set_deterministic(False): dq summed with atomics in the dk/dv kernel, same 2x rule (GQA,
+    Nq != Nk, per-batch masks, a bit-packed one)."""
+    check(B=2, Hq=2, Hkv=1, Nq=N - 5, Nk=N, mask=MASKS[mask](N))
+
+
+def test_learnable_score_tensors_keep_the_deterministic_backward(atomic_dq):
+    slopes = scores.alibi_slopes(2).to(DEVICE).requires_grad_()
+    check(B=1, Hq=2, mask=qkv.causal(), score_mod=scores.alibi(slopes), learnable=[slopes])
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered")  # the interpreter's numpy matmul over NaN keys
-def test_hidden_nan_keys_and_values_never_reach_outputs_or_gradients():
+@pytest.mark.parametrize("mode", ["deterministic", "atomic_dq"])
+def test_hidden_nan_keys_and_values_never_reach_outputs_or_gradients(mode, request):
     """docs/attention.md's guarantees: padding keys/values (even NaN) influence nothing."""
+    if mode == "atomic_dq":
+        request.getfixturevalue("atomic_dq")
     lengths = [N - 7, 9]
     q = torch.randn(2, 2, N, 16, device=DEVICE, requires_grad=True)
     k, v = torch.randn(2, 2, N, 16, device=DEVICE), torch.randn(2, 2, N, 16, device=DEVICE)
@@ -280,3 +306,4 @@ def test_strided_inputs_give_the_same_result():
         results.append([out, *grads])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+

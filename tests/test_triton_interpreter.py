@@ -64,3 +64,23 @@ def test_cuda_estimate_sends_masked_problems_to_triton_and_dense_ones_to_sdpa(mo
     kv = torch.empty(1, 8, 32768, 128, device="meta", dtype=torch.bfloat16)
     decode = make_problem(torch.empty(1, 32, 1, 128, device="meta", dtype=torch.bfloat16), kv, kv)
     assert cuda_estimate(decode) > sdpa(decode)  # decode stays on SDPA until measured
+
+
+def test_deterministic_switch():
+    """The backward's mode (configs.set_deterministic): deterministic unless switched off, and
+    torch's deterministic mode keeps it deterministic. No Triton import needed."""
+    from qkv.backends.triton import configs
+
+    assert configs.deterministic()
+    configs.set_deterministic(False)
+    try:
+        assert not configs.deterministic()
+        torch.use_deterministic_algorithms(True)
+        try:
+            assert configs.deterministic()
+        finally:
+            torch.use_deterministic_algorithms(False)
+        with pytest.raises(TypeError, match="bool"):
+            configs.set_deterministic("no")
+    finally:
+        configs.set_deterministic(True)

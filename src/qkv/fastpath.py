@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .backends.sdpa import guarded_sdpa
@@ -33,71 +34,115 @@ from .masks import Causal
 
 #: signature -> ``(is_causal, needs_nan_guard)`` if SDPA serves it, else None.
 _DECISIONS: dict[tuple, tuple[bool, bool] | None] = {}
+#: exact call signature (shapes, dtypes, devices, mask, grad, scale given, backend) -> a run plan
+#: ``(direct, is_causal, nan_guard, default_scale, enable_gqa)`` or None (the general path);
+#: ``direct``: call SDPA itself (no mask to guard, and a kernel that keeps the NaN promise).
+_PLANS: dict[tuple, tuple | None] = {}
 MAX_SIGNATURES = 4096
+_UNSEEN = object()
+_BARE = 2  # a plan's ``direct``: SDPA with its own defaults (F.scaled_dot_product_attention(q, k, v))
 
 # Mask kinds in a signature.
 _NONE, _CAUSAL_DECODE, _CAUSAL_SQUARE, _KEY_MASK = 0, 1, 2, 3
+_CAUSAL = "causal"  # a qkv.causal() mask in an exact signature
 
 
 def clear() -> None:
     """Forget every remembered decision (after registering a backend or changing the cost model)."""
     _DECISIONS.clear()
+    _PLANS.clear()
 
 
 def attend(q, k, v, mask, scale, backend=None) -> Tensor | None:
     """``qkv.attention(q, k, v, mask, scale=scale, backend=backend)`` if the fast path serves this
     call, else None. ``backend``: None or ``"sdpa"`` (forced: then the decision is whether SDPA
     can run the problem, as ``choose`` decides it). Called only without score modifier, dropout,
-    generator, ``return_lse`` or offsets."""
-    if backend is not None and backend != "sdpa":
-        return None
-    mask_batch = 0
+    generator, ``return_lse`` or offsets.
+
+    The exact signature of a call (every shape, dtype and device, the mask's kind or shape, grad
+    mode, whether a scale was given, ``backend``) is looked up first: a plan says what to run
+    (checked once, when the signature was first seen). A new signature is checked and decided by
+    its ``Nk`` bucket (see the module docstring)."""
     if mask is None:
-        kind = _NONE
+        mask_sig = None
     elif type(mask) is Causal:
-        kind = None
-    elif type(mask) is Tensor and mask.dtype == torch.bool and mask.dim() == 4:
-        kind, mask_batch = _KEY_MASK, mask.shape[0]
+        mask_sig = _CAUSAL
+    elif type(mask) is Tensor:
+        mask_sig = (mask.shape, mask.dtype, mask.device)
     else:
         return None
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
         return None
+    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, mask_sig, grad,
+           scale is None, backend)
+    plan = _PLANS.get(key, _UNSEEN)
+    if plan is _UNSEEN:
+        plan = _plan(key, q, k, v, mask, scale, backend, grad)
+    if plan is None:
+        return None
+    direct, is_causal, nan_guard, default_scale, gqa = plan
+    if scale is None:
+        if direct == _BARE:  # SDPA's defaults: scale 1/sqrt(D), no mask, no head groups
+            return F.scaled_dot_product_attention(q, k, v)
+        scale = default_scale
+    elif type(scale) is not float or not math.isfinite(scale):
+        return None  # the general path accepts ints and says what is wrong with the rest
+    if direct:  # what guarded_sdpa runs here: no mask to guard, a kernel that keeps the NaN promise
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+    if mask_sig is not None and mask_sig is not _CAUSAL:  # a materialised mask, as SdpaBackend.run passes it
+        return guarded_sdpa(q, k, v, mask, is_causal=False, scale=scale)
+    return guarded_sdpa(q, k, v, None, is_causal=is_causal, scale=scale, nan_guard=nan_guard)
+
+
+def _plan(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale, backend, grad: bool) -> tuple | None:
+    """Check a new exact signature and decide it (by its ``Nk`` bucket); remember the plan."""
+    plan = None
+    if backend is None or backend == "sdpa":
+        kind = _signature_kind(q, k, v, mask)
+        if kind is not None:
+            qs, ks, vs = q.shape, k.shape, v.shape
+            nq, nk = qs[2], ks[2]
+            mask_batch = mask.shape[0] if kind == _KEY_MASK else 0
+            bucket = (qs[0], qs[1], ks[1], qs[3], ks[0], ks[3], vs[0], vs[1], vs[3], nq, nk.bit_length(), kind,
+                      mask_batch, q.dtype, q.device, grad, scale is None, backend)
+            try:
+                decision = _DECISIONS[bucket]
+            except KeyError:
+                decision = _decide(bucket, q, k, v, mask, scale)
+            if decision is not None:
+                is_causal, nan_guard = decision
+                gqa = ks[1] != qs[1]
+                direct = kind != _KEY_MASK and not nan_guard and q.device.type != "cuda"
+                if direct and not is_causal and not gqa:
+                    direct = _BARE
+                plan = (direct, is_causal, nan_guard, 1.0 / math.sqrt(qs[3]), gqa)
+    if len(_PLANS) >= MAX_SIGNATURES:
+        _PLANS.clear()
+    _PLANS[key] = plan
+    return plan
+
+
+def _signature_kind(q: Tensor, k: Tensor, v: Tensor, mask) -> int | None:
+    """The mask kind of a call the fast path may serve, or None (the general path takes it)."""
     qs, ks, vs = q.shape, k.shape, v.shape
     if len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         return None
     nq, nk = qs[2], ks[2]
-    if kind == _KEY_MASK:
-        ms = mask.shape
-        if nq != 1 or ms[1] != 1 or ms[2] != 1 or ms[3] != nk or mask_batch not in (1, qs[0]) \
-                or mask.device != q.device:
-            return None
-    elif kind is None:
-        if nq == 1:
-            kind = _CAUSAL_DECODE  # the one query is the newest position: it sees every key
-        elif nq == nk:
-            kind = _CAUSAL_SQUARE
-        else:
-            return None
     dtype, device = q.dtype, q.device
     if k.dtype != dtype or v.dtype != dtype or k.device != device or v.device != device or vs[2] != nk:
         return None
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    key = (qs[0], qs[1], ks[1], qs[3], ks[0], ks[3], vs[0], vs[1], vs[3], nq, nk.bit_length(), kind, mask_batch,
-           dtype, device, grad, scale is None, backend)
-    try:
-        decision = _DECISIONS[key]
-    except KeyError:
-        decision = _decide(key, q, k, v, mask, scale)
-    if decision is None:
+    if mask is None:
+        return _NONE
+    if type(mask) is Causal:
+        if nq == 1:
+            return _CAUSAL_DECODE  # the one query is the newest position: it sees every key
+        return _CAUSAL_SQUARE if nq == nk else None
+    ms = mask.shape
+    if mask.dtype != torch.bool or mask.dim() != 4 or nq != 1 or ms[1] != 1 or ms[2] != 1 or ms[3] != nk \
+            or ms[0] not in (1, qs[0]) or mask.device != device:
         return None
-    if scale is None:
-        scale = 1.0 / math.sqrt(qs[3])
-    elif type(scale) is not float or not math.isfinite(scale):
-        return None  # the general path accepts ints and says what is wrong with the rest
-    is_causal, nan_guard = decision
-    if kind == _KEY_MASK:  # a materialised mask, as SdpaBackend.run passes it
-        return guarded_sdpa(q, k, v, mask, is_causal=False, scale=scale)
-    return guarded_sdpa(q, k, v, None, is_causal=is_causal, scale=scale, nan_guard=nan_guard)
+    return _KEY_MASK
 
 
 def _decide(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale) -> tuple[bool, bool] | None:

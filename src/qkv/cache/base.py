@@ -201,6 +201,10 @@ def appending_step(lengths: Tensor, counts: Tensor, n: int, num_keys: int, devic
 class CacheLayer:
     """One layer's view of a cache during a step, as :class:`qkv.nn.MultiHeadAttention` uses it."""
 
+    #: A layer may run the attention over what ``update`` returned itself (``attend(q, k, v, mask)``,
+    #: as a fixed-shape compiled step's layer does); None: :func:`qkv.attention` runs it.
+    attend = None
+
     def __init__(self, cache: KVCacheBase, index: int):
         self.cache, self.index = cache, index
 
@@ -231,18 +235,44 @@ class CacheLayer:
 
         With grad mode on the returned tensors are copies in which this step's ``k, v`` are
         differentiable; without it they may be views of the cache's buffers."""
-        step = self.cache.step
+        cache = self.cache
+        step = cache._step
+        if step is None:
+            step = cache.step  # raises: no step in progress
         if DEBUG or not step.checked:
-            self.cache.check_kv(k, v, step.n)
+            cache.check_kv(k, v, step.n)
         if not torch.is_grad_enabled():
-            keys, values = self.cache.store_and_read(self.index, k, v)
+            keys, values = cache.store_and_read(self.index, k, v)
         else:  # never a view of a buffer that a later step overwrites
-            keys, values = self.cache.store_and_read(self.index, k.detach(), v.detach())
+            keys, values = cache.store_and_read(self.index, k.detach(), v.detach())
             keys, values = keys.clone(), values.clone()
             put_tokens(keys, k, step.new_columns)
             put_tokens(values, v, step.new_columns)
         step.updated.add(self.index)
         return keys, values, step.mask
+
+    # -- reading a paged cache in place (see qkv.cache.paged and qkv.nn.paged) -------------------
+
+    @property
+    def reads_pages(self) -> bool:
+        """Whether this cache offers its pages to be read in place (:meth:`paged_view`)."""
+        return self.cache.reads_pages
+
+    def paged_view(self):
+        """This step's :class:`~qkv.cache.paged.PagedView` (block table, lengths, mask; shared by
+        every layer of the step), or None where the step cannot be read in place."""
+        return self.cache.paged_view()
+
+    def store_pages(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's ``k, v (B, Hkv, n, D)`` (detached) like :meth:`update`, without
+        reading anything back; returns this layer's ``(k_pages, v_pages)``, to be read in place
+        through the :meth:`paged_view`."""
+        step = self.cache.step
+        if DEBUG or not step.checked:
+            self.cache.check_kv(k, v, step.n)
+        pages = self.cache.store_pages(self.index, k.detach(), v.detach())
+        step.updated.add(self.index)
+        return pages
 
     def remap_score_mod(self, score_mod):
         """``score_mod`` evaluated at the tokens' true positions (ALiBi over a ragged batch)."""
@@ -333,6 +363,13 @@ class KVCacheBase:
             raise RuntimeError("no step in progress: call cache.begin(num_tokens) before the forward pass "
                                "(a qkv.nn.Decoder does this when given cache=...)")
         return self._step
+
+    #: Whether :meth:`paged_view` may offer the pages to be read in place (a ``PagedBatch``).
+    reads_pages = False
+
+    def paged_view(self):
+        """See :meth:`CacheLayer.paged_view`; caches without pages have none."""
+        return None
 
     # -- for subclasses -----------------------------------------------------------------------
 

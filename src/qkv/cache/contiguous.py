@@ -94,10 +94,21 @@ class KVCache(KVCacheBase):
 
     def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         where = self._step.new_columns
-        keys, values = self.k[layer], self.v[layer]
-        put_tokens(keys, k, where)  # buffer column = slot = position
-        put_tokens(values, v, where)
+        keys, values = self._layer_buffers(layer)
+        if type(where) is slice:  # the uniform hot path: the same columns in every row
+            keys[:, :, where] = k
+            values[:, :, where] = v
+        else:
+            put_tokens(keys, k, where)  # buffer column = slot = position
+            put_tokens(values, v, where)
         return keys[:, :, :self._nk], values[:, :, :self._nk]
+
+    def _layer_buffers(self, layer: int) -> tuple[Tensor, Tensor]:
+        """``k[layer], v[layer]``, as views made once (indexing costs an op per call)."""
+        views = self.__dict__.get("_views")
+        if views is None or views[0] is not self.k or views[1] is not self.v:
+            views = self._views = (self.k, self.v, self.k.unbind(0), self.v.unbind(0))
+        return views[2][layer], views[3][layer]
 
     def finish(self, step: Step) -> None:
         if step.offset is not None:  # uniform: every row grew by n (no tensor read)

@@ -11,19 +11,29 @@ parallel sampling); pages count their owners, and a shared page is copied the fi
 its owners writes into it (copy-on-write). ``free(s)`` returns the pages nobody else holds.
 
 A model runs on a batch of sequences through :meth:`PagedKVCache.batch`, which gives the same step
-protocol as :class:`~qkv.cache.KVCache`. Each layer's keys are gathered from the pages into a
-``(B, Hkv, Nk, D)`` tensor for :func:`qkv.attention` (``O(context)`` copying per step).
+protocol as :class:`~qkv.cache.KVCache`, optionally with a sliding window and sink tokens. Each
+layer reads its keys and values in one of two ways:
+
+- *in place*: a decode step (every row's new tokens real, no gradients) offers a
+  :class:`PagedView` (block table, lengths, mask), and :mod:`qkv.nn.paged` hands the pages to the
+  triton backend's paged kernel, which reads them through the block table (on CUDA with Triton);
+- *gathered*: otherwise the pages are gathered into a ``(B, Hkv, Nk, D)`` tensor for
+  :func:`qkv.attention` (``O(context)`` copying per layer and step).
+
+:attr:`PagedBatch.last_read` says which one the last step took, and why.
 """
 
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from ..masks import Mask, causal, key_padding, sliding_window
 from ..validate import positive_int
-from .base import CacheFullError, KVCacheBase, Step, appending_step, check_layout, real_tokens, uniform_step
+from .base import _CAUSAL, CacheFullError, KVCacheBase, Step, appending_step, check_layout, real_tokens, uniform_step
 
 
 class PagedKVCache:
@@ -121,9 +131,11 @@ class PagedKVCache:
         return tuple(pages[layer][table].transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, :n]
                      for pages in (self.k_pages, self.v_pages))
 
-    def batch(self, seqs: list[int]) -> PagedBatch:
-        """A batch of sequences to run a model on (``model(ids, cache=paged.batch([a, b]))``)."""
-        return PagedBatch(self, seqs)
+    def batch(self, seqs: list[int], *, window: int | None = None, sinks: int = 0,
+              read_in_place: bool = True) -> PagedBatch:
+        """A batch of sequences to run a model on (``model(ids, cache=paged.batch([a, b]))``); see
+        :class:`PagedBatch` for ``window``, ``sinks`` and ``read_in_place``."""
+        return PagedBatch(self, seqs, window=window, sinks=sinks, read_in_place=read_in_place)
 
     def _check_sequence(self, seq) -> None:
         if seq not in self._tables:
@@ -174,14 +186,53 @@ class PagedKVCache:
                 f"free={self.num_free_pages}, sequences={ {s: self._lengths[s] for s in self._tables} })")
 
 
+@dataclass
+class PagedView:
+    """One step of a :class:`PagedBatch` as a paged kernel reads it (every layer shares it).
+
+    ``block_table (B, W)`` int32 and ``lengths (B,)`` int32 (keys per sequence *with* this
+    step's tokens) on the cache's device; ``max_length`` bounds the lengths (a host int); the
+    step's ``num_queries`` new tokens are each sequence's newest, attending under ``mask``
+    (None, :func:`qkv.causal`, or the batch's window with sinks; over positions). ``scratch``
+    is the reader's: what it prepares once per step (e.g. the kernel's launch), and ``why``, a
+    reason it gave for gathering instead."""
+
+    block_table: Tensor
+    lengths: Tensor
+    max_length: int
+    num_queries: int
+    page_size: int
+    num_kv_heads: int
+    mask: Mask | None
+    scratch: dict = field(default_factory=dict)
+    why: str | None = None
+
+
+def _to_device(t: Tensor, device: torch.device) -> Tensor:
+    """A small host tensor on ``device`` without waiting for the device (pinned, asynchronous)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class PagedBatch(KVCacheBase):
     """Sequences of a :class:`PagedKVCache` run together as one batch (row ``i`` = ``seqs[i]``).
+
+    Args:
+        window: if given, each token attends to the ``window`` tokens before it and itself ...
+        sinks: ... and to the first ``sinks`` tokens of its sequence (StreamingLLM's attention
+            sinks), like :class:`~qkv.cache.StreamingKVCache` but keeping every token: the mask
+            ``sliding_window(window) | (key_padding(sinks) & causal())`` over true positions.
+        read_in_place: let decode steps offer their pages to be read in place (a
+            :class:`PagedView`; on CUDA with Triton, :mod:`qkv.nn.paged` reads them through the
+            block table, without gathering). False: always gather.
 
     ``begin`` reserves the step's pages in the pool (new pages, private copies of shared ones);
     if the step then fails they stay with their sequences, holding the same tokens, and serve the
     next step (or return to the pool on ``free``)."""
 
-    def __init__(self, pool: PagedKVCache, seqs: list[int]):
+    def __init__(self, pool: PagedKVCache, seqs: list[int], *, window: int | None = None, sinks: int = 0,
+                 read_in_place: bool = True):
         super().__init__(pool.num_layers, pool.num_kv_heads, pool.head_dim, pool.dtype, pool.device)
         seqs = list(seqs)
         if not seqs:
@@ -190,7 +241,21 @@ class PagedBatch(KVCacheBase):
             raise ValueError(f"seqs must not repeat a sequence, got {seqs}")
         for seq in seqs:
             pool._check_sequence(seq)
+        if window is not None:
+            positive_int("window", window)
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sinks must be an int >= 0, got {sinks!r}")
+        if sinks and window is None:
+            raise ValueError(f"sinks={sinks}: sink tokens go with a window (window=None sees every token)")
+        if not isinstance(read_in_place, bool):
+            raise TypeError(f"read_in_place must be a bool, got {type(read_in_place).__name__}")
         self.pool, self.seqs = pool, seqs
+        self.window, self.sinks, self.reads_pages = window, sinks, read_in_place
+        self._window_mask = None if window is None else (
+            sliding_window(window) | (key_padding(sinks) & causal()) if sinks else sliding_window(window))
+        self._view: tuple[Step, PagedView | None] | None = None
+        #: How the last step read the pages: "in place" or "gathered" (with the reason, if any).
+        self.last_read = "none yet"
 
     @property
     def batch_size(self) -> int:
@@ -250,10 +315,21 @@ class PagedBatch(KVCacheBase):
         # the page index (rebuilt only when a block table changed), at offset start % page_size.
         self.pool.reserve(self.seqs, [1] * len(self.seqs))
         self._nk = start + 1
+        self._lengths_cpu, self._counts_real = None, True
         self._index_pages(-(-self._nk // self.pool.page_size))
         self._write = None
         self._write_one = (self._gather[:, start // self.pool.page_size], start % self.pool.page_size)
-        return uniform_step(start, 1, len(self.seqs), self.device)
+        return self._windowed(uniform_step(start, 1, len(self.seqs), self.device))
+
+    def _windowed(self, step: Step) -> Step:
+        """The step under the batch's window and sinks (positions as the step places them)."""
+        if self._window_mask is None or (step.q_offset is None and self._nk <= self.sinks):
+            return step  # every key is a sink (or the window covers all): causal, as planned
+        if step.mask is None or step.mask is _CAUSAL:
+            step.mask = self._window_mask
+        else:
+            step.mask = self._window_mask & step.mask
+        return step
 
     def _index_pages(self, width: int) -> None:
         """``self._gather (B, width)``: each row's first ``width`` pages on the device; past a
@@ -269,7 +345,9 @@ class PagedBatch(KVCacheBase):
         lengths = self.lengths  # also checks that every sequence is still alive
         self.pool.reserve(self.seqs, counts.tolist())
         self._nk = int(lengths.max()) + n
-        step = appending_step(lengths, counts, n, self._nk, self.device)
+        step = self._windowed(appending_step(lengths, counts, n, self._nk, self.device))
+        self._counts_real = bool((counts == n).all())
+        self._lengths_cpu = lengths
         page_size = self.pool.page_size
         self._index_pages(-(-self._nk // page_size))
         rows, tokens = real_tokens(counts)
@@ -279,8 +357,9 @@ class PagedBatch(KVCacheBase):
                                                         columns % page_size, rows, tokens))
         return step
 
-    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        out = []
+    def store_pages(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write the step's ``k, v`` into their pages; returns ``layer``'s ``(k_pages, v_pages)``,
+        ``(num_pages, Hkv, page_size, D)`` views of the pool (read in place through :meth:`paged_view`)."""
         for store, new in ((self.pool.k_pages[layer], k), (self.pool.v_pages[layer], v)):
             if self._write_one is not None:
                 pages, offset = self._write_one
@@ -288,9 +367,40 @@ class PagedBatch(KVCacheBase):
             else:
                 pages, offsets, rows, tokens = self._write
                 store[pages, :, offsets] = new[rows, :, tokens]
+        self.last_read = "in place"
+        return self.pool.k_pages[layer], self.pool.v_pages[layer]
+
+    def store_and_read(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.store_pages(layer, k, v)
+        view = self._view[1] if self._view is not None and self._view[0] is self._step else None
+        self.last_read = "gathered" if view is None or view.why is None else f"gathered: {view.why}"
+        out = []
+        for store in (self.pool.k_pages[layer], self.pool.v_pages[layer]):
             gathered = store[self._gather]  # (B, width, Hkv, page_size, D), a copy
             out.append(gathered.transpose(1, 2).flatten(2, 3)[:, :, :self._nk])
         return out[0], out[1]
+
+    def paged_view(self) -> PagedView | None:
+        """The step as a paged kernel reads it (built on the first layer's call, then shared), or
+        None: ``read_in_place=False``, or some row's new tokens include padding (a ragged prompt)."""
+        step = self.step
+        if self._view is not None and self._view[0] is step:
+            return self._view[1]
+        view = None
+        if self.reads_pages and self._counts_real:
+            key = self._gather_key
+            if self.__dict__.get("_table_key") != key:
+                self._table32 = _to_device(self._tables_cpu.to(torch.int32), self.device)
+                self._table_key = key
+            batch = len(self.seqs)
+            if self._lengths_cpu is None:  # uniform: every row holds `_nk` keys after this step
+                lengths = torch.full((batch,), self._nk, dtype=torch.int32, device=self.device)
+            else:
+                lengths = _to_device((self._lengths_cpu + step.n).to(torch.int32), self.device)
+            view = PagedView(self._table32, lengths, self._nk, step.n, self.pool.page_size, self.num_kv_heads,
+                             step.mask)
+        self._view = (step, view)
+        return view
 
     def finish(self, step: Step) -> None:
         lengths = self.pool._lengths

@@ -25,6 +25,8 @@ from .. import attention_weights as _attention_weights
 from ..linear import swap as _swap
 from ..linear.features import PerformerFeatures
 from ..validate import positive_int
+from . import fused as fusion
+from . import paged as _paged
 from .positional import Rotation
 
 #: eps of the per-head RMS norms used by ``qk_norm=True``.
@@ -54,7 +56,14 @@ class MultiHeadAttention(nn.Module):
 
     Submodules: ``q_proj``, ``k_proj``, ``v_proj`` (or ``qkv_proj``), ``out_proj``
     (``Linear(Hq * D, E)``), and with ``qk_norm`` ``q_norm``, ``k_norm``.
+
+    Inside :func:`qkv.nn.fused.fused_projections` (``Decoder.generate`` decodes in one), separate
+    projections run as one product while grad mode is off; the numbers are the same.
     """
+
+    #: :class:`qkv.nn.fused.Stacks` (stacked ``q_proj, k_proj, v_proj``; a copy of ``out_proj``)
+    #: while inside :func:`qkv.nn.fused.fused_projections`.
+    _fused = None
 
     def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None, kdim: int | None = None,
                  vdim: int | None = None, bias: bool = True, fused_qkv: bool = False, dropout: float = 0.0,
@@ -80,6 +89,7 @@ class MultiHeadAttention(nn.Module):
         self.fused_qkv = bool(fused_qkv)
         factory = {"device": device, "dtype": dtype}
         q_width, kv_width = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self._widths = [q_width, kv_width, kv_width]
         if self.fused_qkv:
             if self.kdim != embed_dim or self.vdim != embed_dim:
                 raise ValueError(f"fused_qkv needs kdim == vdim == embed_dim ({embed_dim}), "
@@ -142,37 +152,57 @@ class MultiHeadAttention(nn.Module):
         key = query if key is None else key
         value = key if value is None else value
         self._check_inputs(query, key, value)
-        q, k, v = self._project(query, key, value)
-        if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             if not self_attention:
                 raise ValueError("cache: a KV cache serves self-attention only; pass key=None")
             if mask is not None:
                 raise ValueError("mask: with a cache, the cache builds the mask (causal over each sequence's "
                                  "own positions); pass mask=None")
+        if rope is not None and not self_attention:
+            raise ValueError("rope: rotary embeddings apply to self-attention only (key=None)")
+        batch, n = query.shape[0], query.shape[1]
+        # (B, N, H, D): heads split off, not yet moved before the tokens
+        qk, q, k, v = self._project(query, key, value, joint=rope is not None and not self.qk_norm)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            if not self_attention:
-                raise ValueError("rope: rotary embeddings apply to self-attention only (key=None)")
             if not isinstance(rope, Rotation):  # one rotation (a table lookup) for q and k
                 end = None
                 if cache is not None and positions is None:
                     positions, end = cache.rope_positions, cache.position_end
-                rope = rope.rotation(positions, q.shape[2], dtype=q.dtype, device=q.device, end=end)
-            q, k = rope(q), rope(k)
+                like = v  # the dtype and device of q
+                rope = rope.rotation(positions, n, dtype=like.dtype, device=like.device, end=end)
+            if qk is not None:  # q and k side by side (one fused projection): one rotation
+                qk = rope.heads_last(qk)
+                q, k = qk[:, :, :self.num_heads], qk[:, :, self.num_heads:]
+            else:
+                q, k = rope.heads_last(q), rope.heads_last(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, N, D)
         offsets = {}
-        if cache is not None:
-            k, v, mask = cache.update(k, v)
-            score_mod = cache.remap_score_mod(score_mod)
-            q_offset, k_offset = getattr(cache, "offsets", (None, 0))
-            if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
-                offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
         dropout_p = self.dropout if self.training else 0.0
         sink = self.sink_logits is not None
-        if isinstance(self.attention, str) and self.attention == "exact":
-            result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
-                                backend=backend, **offsets)
-        else:  # approximate or sparse attention (qkv.linear.swap)
+        exact = isinstance(self.attention, str) and self.attention == "exact"
+        result = attend = None
+        if cache is not None:
+            if score_mod is not None:
+                score_mod = cache.remap_score_mod(score_mod)
+            if (q.is_cuda or _paged.INTERPRETING) and _paged.eligible(
+                    cache, q, k, v, backend=backend, exact=exact, need_weights=need_weights, dropout_p=dropout_p):
+                # a paged cache's decode step, its pages read in place (qkv.nn.paged); CPU: one test
+                result = _paged.attend_in_place(cache, q, k, v, score_mod, sink)
+            if result is None:
+                k, v, mask = cache.update(k, v)
+                q_offset, k_offset = getattr(cache, "offsets", (None, 0))
+                if q_offset is not None or not (isinstance(k_offset, int) and k_offset == 0):
+                    offsets = {"q_offset": q_offset, "k_offset": k_offset}  # the tokens' true positions
+                attend = getattr(cache, "attend", None)  # a fixed-shape step's layer runs SDPA itself
+        if result is None and exact:
+            if attend is not None and not sink and score_mod is None and not dropout_p and not offsets:
+                result = attend(q, k, v, mask)
+            else:
+                result = _attention(q, k, v, mask, score_mod=score_mod, dropout_p=dropout_p, return_lse=sink,
+                                    backend=backend, **offsets)
+        elif result is None:  # approximate or sparse attention (qkv.linear.swap)
             result = _swap.attend(self.attention, q, k, v, mask, features=self.performer, score_mod=score_mod,
                                   dropout_p=dropout_p, return_lse=sink, backend=backend, **offsets)
         out, gate = result, None
@@ -180,8 +210,11 @@ class MultiHeadAttention(nn.Module):
             out, lse = result
             gate = torch.sigmoid(lse - self.sink_logits.to(lse.dtype)[:, None])  # (B, Hq, N)
             out = out * gate.unsqueeze(-1).to(out.dtype)
-        batch, n = query.shape[0], query.shape[1]
-        out = self.out_proj(out.transpose(1, 2).reshape(batch, n, self.num_heads * self.head_dim))
+        # (B, Hq, N, Dv) -> (B, N, Hq * Dv); for one token the memory order is already that
+        out = out.reshape(batch, 1, -1) if n == 1 else out.transpose(1, 2).reshape(batch, n, -1)
+        stacks = self._fused
+        stack = None if stacks is None else stacks.out
+        out = F.linear(out, stack.weight, stack.bias) if fusion.serves(stack, out) else self.out_proj(out)
         if not need_weights:
             return out
         weights = _attention_weights(q, k, mask=_swap.weights_mask(self.attention, mask), score_mod=score_mod,
@@ -208,23 +241,41 @@ class MultiHeadAttention(nn.Module):
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}")
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Projected ``q (B, Hq, N, D)``, ``k, v (B, Hkv, S, D)``."""
-        if self.fused_qkv:
-            widths = [self.num_heads * self.head_dim] + [self.num_kv_heads * self.head_dim] * 2
-            if key is query and value is query:
-                q, k, v = self.qkv_proj(query).split(widths, dim=-1)
-            else:
-                weights = self.qkv_proj.weight.split(widths, dim=0)
-                biases = self.qkv_proj.bias.split(widths) if self.qkv_proj.bias is not None else (None,) * 3
-                q, k, v = (F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
+    def _project(self, query: Tensor, key: Tensor, value: Tensor, *, joint: bool = False):
+        """``(qk, q, k, v)``: projected ``q (B, N, Hq, D)``, ``k, v (B, S, Hkv, D)`` (heads split off,
+        before the tokens are moved behind them) and ``qk`` None; or with ``joint``, when
+        self-attention ran one product, ``qk (B, N, Hq + Hkv, D)`` (queries and keys side by side,
+        to rotate in one go) with ``q`` and ``k`` None."""
+        self_input = key is query and value is query
+        stacks = self._fused
+        stack = None if stacks is None else stacks.proj
+        if self_input and fusion.serves(stack, query):
+            y = F.linear(query, stack.weight, stack.bias)  # one product for q, k and v (qkv.nn.fused)
+        elif self.fused_qkv and self_input:
+            y = self.qkv_proj(query)
         else:
-            q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
-        return self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
+            if self.fused_qkv:
+                weights = self.qkv_proj.weight.split(self._widths, dim=0)
+                biases = self.qkv_proj.bias.split(self._widths) if self.qkv_proj.bias is not None else (None,) * 3
+                q, k, v = (F.linear(x, w, b) for x, w, b in zip((query, key, value), weights, biases))
+            else:
+                q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
+            return None, self._split_heads(q, self.num_heads), self._split_heads(k, self.num_kv_heads), \
+                self._split_heads(v, self.num_kv_heads)
+        hq, hkv = self.num_heads, self.num_kv_heads
+        heads = y.view(query.shape[0], query.shape[1], hq + 2 * hkv, self.head_dim)  # one view, then slices
+        qk, v = heads[:, :, :hq + hkv], heads[:, :, hq + hkv:]
+        if joint:
+            return qk, None, None, v  # the caller rotates qk and slices q and k from the result
+        return None, qk[:, :, :hq], qk[:, :, hq:], v
+
+    def _split_heads(self, x: Tensor, heads: int) -> Tensor:
+        """``(B, N, heads * D) -> (B, N, heads, D)``."""
+        return x.reshape(x.shape[0], x.shape[1], heads, self.head_dim)
 
     def _heads(self, x: Tensor, heads: int) -> Tensor:
         """``(B, N, heads * D) -> (B, heads, N, D)``."""
-        return x.unflatten(-1, (heads, self.head_dim)).transpose(1, 2)
+        return self._split_heads(x, heads).transpose(1, 2)
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> MultiHeadAttention:

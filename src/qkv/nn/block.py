@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from . import fused as fusion
 from .attention import MultiHeadAttention
 from .mlp import make_mlp, optional_dropout
 from .norms import make_norm
@@ -37,6 +38,10 @@ class TransformerBlock(nn.Module):
     ``mlp.fc2``; for SwiGLU ``mlp.gate``, ``mlp.up``, ``mlp.down``), ``mlp_norm``.
     """
 
+    #: :class:`qkv.nn.fused.Stacks` (the norms as direct calls) while inside
+    #: :func:`qkv.nn.fused.fused_projections`.
+    _fused = None
+
     def __init__(self, dim: int, num_heads: int, mlp_dim: int, *, num_kv_heads: int | None = None,
                  norm_first: bool = True, norm: str = "layernorm", norm_eps: float = 1e-5, activation: str = "gelu",
                  bias: bool = True, dropout: float = 0.0, cross_attention: bool = False, memory_dim: int | None = None,
@@ -65,6 +70,13 @@ class TransformerBlock(nn.Module):
         ``memory_mask`` (broadcastable to ``(B, Hq, N, M)``) to the cross-attention; ``backend``
         to both.
         """
+        if self.norm_first and self.dropout is None and self.cross_attn is None and memory is None \
+                and memory_mask is None:  # the common pre-norm decoder layer, in straight lines
+            norms = fusion.norms_serve(self._fused)  # direct calls inside qkv.nn.fused.fused_projections
+            attn_norm, mlp_norm = (self.attn_norm, self.mlp_norm) if norms is None else norms
+            x = x + self.attn(attn_norm(x), mask=mask, score_mod=score_mod, rope=rope, positions=positions,
+                              cache=cache, backend=backend)
+            return x + self.mlp(mlp_norm(x))
         x = self._residual(x, self.attn_norm, lambda h: self.attn(
             h, mask=mask, score_mod=score_mod, rope=rope, positions=positions, cache=cache, backend=backend))
         if self.cross_attn is not None:

@@ -1,47 +1,81 @@
-"""A decoding step at fixed shapes, which ``torch.compile(fullgraph=True)`` captures whole.
+"""A decoding step without host-side state, which ``torch.compile(fullgraph=True)`` captures whole.
 
-An eager step of :class:`~qkv.nn.Decoder` attends over exactly the tokens cached so far, so its
-shapes grow by one every token, and its cache bookkeeping runs on the host. :class:`DecodeStep`
-instead runs one new token per row over *all* ``capacity`` slots of a :class:`~qkv.cache.KVCache`,
-with a bool key mask that hides the slots beyond each row's position: every step has the same
-shapes, no host sync and no Python-level state change, so it compiles once and, on CUDA, can be
-captured in a CUDA graph (``mode="reduce-overhead"``). The new keys and values are scattered into
-the cache's buffers at each row's position (rows may differ in length), and the RoPE rotation is
-looked up from the model's cos/sin table by position.
+An eager step of :class:`~qkv.nn.Decoder` keeps its cache's bookkeeping on the host (lengths,
+step plans), which a graph cannot replay. :class:`DecodeStep` runs one new token per row straight
+on the buffers of a :class:`~qkv.cache.KVCache`: the new keys and values are scattered into them
+at each row's position (rows may differ in length), the RoPE rotation is looked up from the
+model's cos/sin table by position, and attention reads the first ``length`` slots of every layer.
+Nothing is read back from the device and no Python state changes, so the step compiles once.
+
+How many slots a step reads:
+
+- **On the CPU**, exactly the filled ones: ``length`` is the longest row's length after the new
+  token, passed as the size of a slot-index tensor marked dynamic, so one graph serves every
+  length and a step costs ``O(length)``, as an eager one does. When every row has the same length
+  (a batch decoded together) no mask is needed at all; otherwise a bool key mask hides the slots
+  beyond each row's position.
+- **On CUDA**, all ``capacity`` slots under a key mask: every step then has the same shapes and
+  is replayed as one CUDA graph (``mode="reduce-overhead"``). That costs ``O(capacity)`` per step,
+  so size the cache to the generation (``generate`` does).
 
 The modules are the model's own (blocks, attention, norms); only the cache layer differs
-(:class:`StaticCacheLayer`). Attention runs with ``backend="sdpa"``: torch's fused kernel is what
-compiles and replays in a CUDA graph (the dispatcher's estimates are for eager kernels, and its
-Python does not trace); ``qkv.explain_dispatch(..., backend="sdpa")`` shows the same choice. The step attends over ``capacity`` keys instead of the filled ones,
-which costs ``O(capacity)`` per step: size the cache to the generation (as ``generate`` does).
-``Decoder.generate(..., compile=True)`` prefills eagerly, then decodes with a compiled step.
+(:class:`StaticCacheLayer`), and it runs the attention itself, with
+``F.scaled_dot_product_attention`` (torch's fused kernel is what compiles and replays in a CUDA
+graph; ``qkv.explain_dispatch(..., backend="sdpa")`` shows the same choice). Slots a step may read
+but no token of the row fills are zeroed before decoding (:meth:`DecodeStep.prepare`), so that a
+mask over them is all the guard they need. Inside the step the attention and SwiGLU projections
+run as stacked products (:mod:`qkv.nn.fused`) that the step keeps and refreshes from the model's
+weights on every :meth:`~DecodeStep.prepare`, so a compiled graph (or CUDA graph) holds the same
+tensors on every call. ``Decoder.generate(..., compile=True)`` prefills eagerly, then decodes with
+the compiled step.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
+from . import fused as fusion
 from .positional import LearnedPositionalEmbedding, Rotation, SinusoidalEmbedding
 
 
 class StaticCacheLayer:
-    """One layer of a :class:`~qkv.cache.KVCache` as a fixed-shape step sees it: the interface
-    :class:`~qkv.nn.MultiHeadAttention` uses (``update``, ``remap_score_mod``). Made afresh inside
-    each step (no state outlives it, so a compiled step has no Python side effects to replay)."""
+    """One layer of a :class:`~qkv.cache.KVCache` as a :class:`DecodeStep` sees it: the interface
+    :class:`~qkv.nn.MultiHeadAttention` uses (``update``, ``remap_score_mod``, ``attend``). Made
+    afresh inside each step (no state outlives it, so a compiled step has no Python side effects
+    to replay)."""
 
-    def __init__(self, keys: Tensor, values: Tensor, rows: Tensor, positions: Tensor, key_mask: Tensor):
-        self.keys, self.values, self.rows, self.positions, self.key_mask = keys, values, rows, positions, key_mask
+    #: Not a paged cache: :mod:`qkv.nn.paged`'s in-place route does not apply.
+    reads_pages = False
 
-    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Write ``k, v (B, Hkv, 1, D)`` at each row's position; return all ``capacity`` keys and
-        values and the key mask ``(B, 1, 1, capacity)``."""
+    def __init__(self, keys: Tensor, values: Tensor, rows: Tensor, positions: Tensor, length,
+                 key_mask: Tensor | None):
+        self.keys, self.values, self.rows, self.positions = keys, values, rows, positions
+        self.length, self.key_mask = length, key_mask
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Write ``k, v (B, Hkv, 1, D)`` at each row's position; return the first ``length`` slots
+        of the keys and values and the key mask ``(B, 1, 1, length)`` (None: every slot is seen)."""
         self.keys[self.rows, :, self.positions] = k[:, :, 0]  # an in-place index_put, also when compiled
         self.values[self.rows, :, self.positions] = v[:, :, 0]
-        return self.keys, self.values, self.key_mask
+        return self.keys[:, :, :self.length], self.values[:, :, :self.length], self.key_mask
 
     def remap_score_mod(self, score_mod):
         return score_mod  # a DecodeStep is built only for models without score modifiers
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """SDPA over what :meth:`update` returned. The slots the mask hides hold zeros (see
+        :meth:`DecodeStep.prepare`) and every row sees its own slot, so the kernel's output is
+        qkv's; a query holding NaN/inf gives a NaN row, as everywhere in qkv (torch's CPU kernels
+        do that themselves in float32/float64)."""
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0 / math.sqrt(q.shape[-1]),
+                                             enable_gqa=k.shape[1] != q.shape[1])
+        if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.float64):
+            out = out.masked_fill(~torch.isfinite(q).all(dim=-1, keepdim=True), float("nan"))
+        return out
 
 
 def check_compilable(model, memory=None, backend=None) -> None:
@@ -70,9 +104,12 @@ class DecodeStep:
 
     ``positions[b]`` (int64 on the cache's device) is where row ``b``'s token goes: it attends to
     slots ``0 .. positions[b]`` of the cache (the token itself included), which must hold that
-    row's earlier tokens. The cache's host-side lengths are not touched by a step: call
-    :meth:`sync_cache` after the last one. ``compiled(**options)`` returns the step compiled with
-    ``torch.compile(fullgraph=True, dynamic=False, **options)``.
+    row's earlier tokens. Call :meth:`prepare` before the first step of a generation and run the
+    steps inside ``qkv.nn.fused.fused_projections(model, step.fused)``. The cache's host-side
+    lengths are not touched by a step: call :meth:`sync_cache` after the last one. Called
+    directly, a step reads all ``capacity`` slots under a key mask; ``compiled(**options)`` returns
+    the step compiled with ``torch.compile(fullgraph=True, dynamic=False, **options)``, which reads
+    only the filled slots on the CPU (see the module docstring).
     """
 
     def __init__(self, model, cache):
@@ -91,12 +128,37 @@ class DecodeStep:
         if model.rope is not None:  # built now, outside any compiled region
             model.rope.table(self.capacity, model.token_embedding.weight.dtype, cache.device)
         self.slots = torch.arange(self.capacity, device=cache.device)
+        # the stacked projections the step multiplies by; on the CPU transposed, and the output
+        # projections too (x @ W^T from a contiguous W^T: MKL's faster case for a few rows)
+        self.fused = fusion.build(model, transposed=cache.device.type == "cpu")
+
+    def prepare(self) -> None:
+        """Before a generation, after the prefill: :meth:`refresh` and :meth:`clear_free_slots`."""
+        self.refresh()
+        self.clear_free_slots()
+
+    def refresh(self) -> None:
+        """Copy the model's current weights into the stacked projections (in place)."""
+        for stacks in self.fused.values():
+            for stack in stacks.linears():
+                stack.refresh()
+
+    def clear_free_slots(self) -> None:
+        """Zero every slot at or beyond each row's length (no token of the row is there)."""
+        lengths = self.cache.lengths.to(self.cache.device)
+        empty = (self.slots >= lengths[:, None])[None, :, None, :, None]  # (1, B, 1, capacity, 1)
+        with torch.no_grad():
+            self.cache.k.masked_fill_(empty, 0)
+            self.cache.v.masked_fill_(empty, 0)
 
     def __call__(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        return self.forward(tokens, positions, self.k, self.v)
+        return self.forward(tokens, positions, self.k, self.v, self.slots, True)
 
-    def forward(self, tokens: Tensor, positions: Tensor, k_layers: list[Tensor], v_layers: list[Tensor]) -> Tensor:
-        """The step, with the layers' key and value buffers passed in (what is compiled)."""
+    def forward(self, tokens: Tensor, positions: Tensor, k_layers: list[Tensor], v_layers: list[Tensor],
+                slots: Tensor, masked: bool) -> Tensor:
+        """The step (what is compiled), with the layers' key and value buffers passed in. It reads
+        slots ``0 .. len(slots) - 1`` (``slots`` is ``arange(len)``), with a key mask hiding those
+        beyond each row's position if ``masked`` (without, every row must be at ``len - 1``)."""
         model = self.model
         batch = tokens.shape[0]
         x = model.token_embedding(tokens)
@@ -110,24 +172,35 @@ class DecodeStep:
         if model.rope is not None:
             full_cos, signed_sin = model.rope.expanded_table(self.capacity, x.dtype, x.device)
             rope = Rotation.from_expanded(full_cos[column], signed_sin[column], model.rope.interleaved)
-        key_mask = (self.slots <= column)[:, None, None, :]  # (B, 1, 1, capacity)
+        key_mask = (slots <= column)[:, None, None, :] if masked else None  # (B, 1, 1, length)
         rows = torch.arange(batch, device=positions.device)
+        length = slots.shape[0]
         for block, keys, values in zip(model.blocks, k_layers, v_layers):
-            layer = StaticCacheLayer(keys, values, rows, positions, key_mask)
+            layer = StaticCacheLayer(keys, values, rows, positions, length, key_mask)
             x = block(x, rope=rope, cache=layer, backend="sdpa")
-        return model.lm_head(model.norm(x))
+        return model._head(x)
 
     def compiled(self, **options):
-        """This step under ``torch.compile(fullgraph=True, dynamic=False, **options)``."""
-        if self.cache.device.type == "cuda":  # CUDA graphs may write into the cache in place
-            for t in (*self.k, *self.v):
+        """This step under ``torch.compile(fullgraph=True, dynamic=False, **options)``, as
+        ``run(tokens, positions, length, uniform)``: ``length`` is the longest row's length after
+        the new token and ``uniform`` whether every row has it (then no mask on the CPU)."""
+        on_cuda = self.cache.device.type == "cuda"
+        if on_cuda:  # CUDA graphs may write into the cache, and read the stacks, in place
+            stacked = [t for stacks in self.fused.values() for stack in stacks.linears() for t in stack.tensors()]
+            for t in (*self.k, *self.v, *stacked):
                 torch._dynamo.mark_static_address(t)
         compiled = torch.compile(self.forward, fullgraph=True, dynamic=False, **options)
 
-        def step(tokens: Tensor, positions: Tensor) -> Tensor:
-            return compiled(tokens, positions, self.k, self.v)
+        def run(tokens: Tensor, positions: Tensor, length: int, uniform: bool) -> Tensor:
+            if on_cuda:  # one shape for every step: all slots, masked
+                return compiled(tokens, positions, self.k, self.v, self.slots, True)
+            if length >= self.capacity:  # reading the whole buffer would compile a second graph
+                return self.forward(tokens, positions, self.k, self.v, self.slots, not uniform)
+            slots = self.slots[:length]
+            torch._dynamo.maybe_mark_dynamic(slots, 0)  # one graph for every length
+            return compiled(tokens, positions, self.k, self.v, slots, not uniform)
 
-        return step
+        return run
 
     def sync_cache(self, counts: Tensor) -> None:
         """Tell the cache that its rows grew by ``counts (B,)`` tokens (int64, CPU) in steps."""

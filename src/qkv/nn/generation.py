@@ -9,6 +9,7 @@ from torch import Tensor
 
 from ..cache import CacheFullError, KVCache
 from .compiled import DecodeStep, check_compilable
+from .fused import fused_projections
 from ..cache.base import token_counts
 
 
@@ -88,23 +89,26 @@ def generate(model, input_ids: Tensor, max_new_tokens: int, temperature: float =
         capacity = int(prompt_lengths.max()) + max_new_tokens - 1
         cache = KVCache(batch_size=batch, capacity=capacity, **model.cache_spec()) if compile is False \
             else _CompiledSteps.reusable_cache(model, batch, capacity)
-    extra = {"memory": memory, "memory_mask": memory_mask, "backend": backend}
-    logits = model(input_ids, cache, lengths=prompt_lengths, **extra)
-    last = logits[torch.arange(batch, device=device), prompt_lengths.to(device) - 1]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    produced = []
-    decode = _eager_step(model, cache, extra) if compile is False else _CompiledSteps(model, cache, compile)
-    for step in range(max_new_tokens):
-        token = sample_next_token(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        if eos_ids is not None:
-            token = torch.where(finished, eos_ids[0], token)
-            finished = finished | torch.isin(token, eos_ids)
-        produced.append(token)
-        if step == max_new_tokens - 1 or (eos_ids is not None and bool(finished.all())):
-            break
-        last = decode(token[:, None])[:, -1]
-    if compile is not False:
-        decode.finish()
+    compiled = None if compile is False else _CompiledSteps(model, cache, compile)
+    # one product for q, k, v and one for gate, up per layer (a compiled step's own stacks, refreshed)
+    with fused_projections(model, None if compiled is None else compiled.step.fused):
+        extra = {"memory": memory, "memory_mask": memory_mask, "backend": backend}
+        logits = model(input_ids, cache, lengths=prompt_lengths, **extra)
+        last = logits[torch.arange(batch, device=device), prompt_lengths.to(device) - 1]
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        produced = []
+        decode = _eager_step(model, cache, extra) if compiled is None else compiled.begin()
+        for step in range(max_new_tokens):
+            token = sample_next_token(last, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if eos_ids is not None:
+                token = torch.where(finished, eos_ids[0], token)
+                finished = finished | torch.isin(token, eos_ids)
+            produced.append(token)
+            if step == max_new_tokens - 1 or (eos_ids is not None and bool(finished.all())):
+                break
+            last = decode(token[:, None])[:, -1]
+        if compiled is not None:
+            compiled.finish()
     return torch.stack(produced, dim=1)
 
 
@@ -114,37 +118,66 @@ def _eager_step(model, cache, extra):
     return step
 
 
+#: Inductor settings for a compiled CPU decode step: the graph's wrapper in C++ rather than
+#: Python (one call instead of one per kernel), without the wrapper's re-checks of sizes and
+#: alignment of its inputs (dynamo's guards have checked them). Measured on 2 AMD EPYC cores: the
+#: step 7-10% faster at batch 1, 1-5% at batch 8; compiling takes a few seconds longer.
+CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "alignment_asserts": False}
+
+
+def cpu_inductor_options() -> dict:
+    """:data:`CPU_INDUCTOR_OPTIONS` that this torch's inductor knows (older ones lack some)."""
+    from torch._inductor import config
+
+    return {key: value for key, value in CPU_INDUCTOR_OPTIONS.items() if hasattr(config, key)}
+
+
 class _CompiledSteps:
     """Decoding steps through a compiled :class:`~qkv.nn.compiled.DecodeStep` (compiled once per
-    model, cache shape and options; kept on the model). The first step runs eagerly: it settles
-    every decision the compiled graph then reuses (dispatch, RoPE table)."""
+    model, cache shape and options; kept on the model, and refreshed from the model's weights for
+    every generation)."""
 
     def __init__(self, model, cache, options):
         options = {} if options is True else dict(options)
-        if "mode" not in options and "backend" not in options and cache.device.type == "cuda":
-            options["mode"] = "reduce-overhead"  # CUDA graphs: one launch per step
+        if "mode" not in options and "backend" not in options and "options" not in options:
+            if cache.device.type == "cuda":
+                options["mode"] = "reduce-overhead"  # CUDA graphs: one launch per step
+            else:
+                options["options"] = cpu_inductor_options()
         self.cache, self.steps = cache, 0
-        self.positions = cache.lengths.to(cache.device)  # where each row's next token goes
-        if int(cache.lengths.max()) + 1 > cache.capacity:
-            raise CacheFullError(f"KVCache: capacity {cache.capacity} exceeded: the rows hold "
-                                 f"{cache.lengths.tolist()} tokens")
-        self.limit = cache.capacity - int(cache.lengths.max())  # steps that fit
         key = (id(cache), tuple(cache.k.shape), cache.k.dtype, str(cache.device), repr(sorted(options.items())))
         compiled = model.__dict__.setdefault("_compiled_decode_steps", {})
         if key not in compiled:
             step = DecodeStep(model, cache)
             compiled.clear()  # one at a time: each holds its cache's buffers
             compiled[key] = (step, step.compiled(**options))
-        self.step, self.compiled = compiled[key]
+        self.step, self.run = compiled[key]
+        self.step.refresh()  # the stacked projections, from the weights as they are now
+
+    def begin(self) -> _CompiledSteps:
+        """Start decoding from what the cache holds now (after the prefill)."""
+        lengths = self.cache.lengths
+        longest = int(lengths.max())
+        if longest + 1 > self.cache.capacity:
+            raise CacheFullError(f"KVCache: capacity {self.cache.capacity} exceeded: the rows hold "
+                                 f"{lengths.tolist()} tokens")
+        self.step.clear_free_slots()
+        self.limit = self.cache.capacity - longest  # steps that fit
+        self.length = longest + 1  # slots the next step reads (the longest row's, with its new token)
+        self.uniform = bool((lengths == longest).all())
+        self.positions = lengths.to(self.cache.device)  # where each row's next token goes
+        return self
 
     @staticmethod
     def reusable_cache(model, batch: int, capacity: int) -> KVCache:
         """An empty cache of this size, the same object as last time when the size repeats, so that
-        the step compiled for it serves again (kept on the model)."""
+        the step compiled for it serves again (kept on the model). It has one slot more than
+        asked for: a step then never reads the whole buffer (on the CPU, a step over all of it would
+        compile a second graph)."""
         cache = model.__dict__.get("_compiled_decode_cache")
-        if cache is None or cache.batch_size != batch or cache.capacity != capacity \
+        if cache is None or cache.batch_size != batch or cache.capacity != capacity + 1 \
                 or cache.layout() != model.cache_layout():
-            cache = model.__dict__["_compiled_decode_cache"] = KVCache(batch_size=batch, capacity=capacity,
+            cache = model.__dict__["_compiled_decode_cache"] = KVCache(batch_size=batch, capacity=capacity + 1,
                                                                        **model.cache_spec())
         cache.reset()
         return cache
@@ -152,9 +185,9 @@ class _CompiledSteps:
     def __call__(self, tokens: Tensor) -> Tensor:
         if self.steps >= self.limit:
             raise CacheFullError(f"KVCache: capacity {self.cache.capacity} exceeded after {self.steps} steps")
-        run = self.compiled if self.steps else self.step
-        logits = run(tokens, self.positions)
+        logits = self.run(tokens, self.positions, self.length, self.uniform)
         self.positions = self.positions + 1
+        self.length += 1
         self.steps += 1
         return logits
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..validate import positive_int
+from . import fused as fusion
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "swiglu")
 
@@ -40,7 +41,14 @@ class MLP(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``down(dropout(silu(gate(x)) * up(x)))``."""
+    """``down(dropout(silu(gate(x)) * up(x)))``.
+
+    Inside :func:`qkv.nn.fused.fused_projections`, ``gate`` and ``up`` run as one product while
+    grad mode is off (the same numbers)."""
+
+    #: :class:`qkv.nn.fused.Stacks` (stacked ``gate, up``; a copy of ``down``) while inside
+    #: :func:`qkv.nn.fused.fused_projections`.
+    _fused = None
 
     def __init__(self, dim: int, hidden_dim: int, *, bias: bool = True, dropout: float = 0.0):
         super().__init__()
@@ -50,8 +58,18 @@ class SwiGLU(nn.Module):
         self.dropout = optional_dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.silu(self.gate(x)) * self.up(x)
-        return self.down(h if self.dropout is None else self.dropout(h))
+        stacks = self._fused
+        if stacks is None:
+            gate, up = self.gate(x), self.up(x)
+        elif fusion.serves(stacks.proj, x):
+            gate, up = F.linear(x, stacks.proj.weight, stacks.proj.bias).chunk(2, dim=-1)  # equally wide
+        else:
+            gate, up = self.gate(x), self.up(x)
+        h = F.silu(gate) * up
+        if self.dropout is not None:
+            h = self.dropout(h)
+        down = None if stacks is None else stacks.out
+        return F.linear(h, down.weight, down.bias) if fusion.serves(down, h) else self.down(h)
 
 
 def optional_dropout(p: float) -> nn.Dropout | None:

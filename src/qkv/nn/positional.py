@@ -201,20 +201,37 @@ class Rotation:
         self.interleaved = bool(interleaved)
         self.num_tokens, self.rotary_dim = full_cos.shape[1], full_cos.shape[2]
         self.cos, self.sin = full_cos.unsqueeze(1), signed_sin.unsqueeze(1)  # (B|1, 1, N, rotary_dim)
+        self._heads_last = None  # (B|1, N, 1, rotary_dim) each, made on first use
 
     def __call__(self, x: Tensor) -> Tensor:
+        """Rotate ``x (B, H, N, D)``."""
         if x.dim() != 4 or x.shape[2] != self.num_tokens or x.shape[-1] < self.rotary_dim:
             raise ValueError(f"rotation: expected x (B, H, N={self.num_tokens}, >= {self.rotary_dim}), "
                              f"got {tuple(x.shape)}")
-        if self.cos.shape[0] not in (1, x.shape[0]):
-            raise ValueError(f"positions has batch size {self.cos.shape[0]}, expected 1 or {x.shape[0]}")
+        return self._rotate(x, self.cos, self.sin)
+
+    def heads_last(self, x: Tensor) -> Tensor:
+        """Rotate ``x (B, N, H, D)`` (heads after tokens, as a projection's output unflattens):
+        the same numbers as :meth:`__call__` on ``x.transpose(1, 2)``, transposed back. Queries
+        and keys stacked along ``H`` (one fused projection) rotate in one go."""
+        if x.dim() != 4 or x.shape[1] != self.num_tokens or x.shape[-1] < self.rotary_dim:
+            raise ValueError(f"rotation: expected x (B, N={self.num_tokens}, H, >= {self.rotary_dim}), "
+                             f"got {tuple(x.shape)}")
+        factors = self._heads_last
+        if factors is None:
+            factors = self._heads_last = (self.cos.transpose(1, 2), self.sin.transpose(1, 2))
+        return self._rotate(x, *factors)
+
+    def _rotate(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        if cos.shape[0] not in (1, x.shape[0]):
+            raise ValueError(f"positions has batch size {cos.shape[0]}, expected 1 or {x.shape[0]}")
         rotary = x.shape[-1] == self.rotary_dim
         rot = x if rotary else x[..., :self.rotary_dim]
         if self.interleaved:
             swapped = rot.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
         else:
             swapped = rot.roll(self.rotary_dim // 2, dims=-1)
-        rotated = rot * self.cos + swapped * self.sin
+        rotated = rot * cos + swapped * sin
         return rotated if rotary else torch.cat((rotated, x[..., self.rotary_dim:]), dim=-1)
 
 

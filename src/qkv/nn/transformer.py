@@ -15,12 +15,14 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..cache import KVCacheBase, PagedKVCache
 from ..cache.base import token_counts
 from ..validate import positive_int
 from ..masks import causal, key_padding
+from . import fused as fusion
 from .block import TransformerBlock
 from .generation import generate
 from .mlp import optional_dropout
@@ -229,6 +231,18 @@ class Decoder(nn.Module):
             if name.endswith(("out_proj.weight", "mlp.fc2.weight", "mlp.down.weight")):
                 nn.init.normal_(p, mean=0.0, std=residual_std)
 
+    #: :class:`qkv.nn.fused.Stacks` (``lm_head``, and ``norm`` as a direct call) while inside
+    #: :func:`qkv.nn.fused.fused_projections`.
+    _fused = None
+
+    def _head(self, x: Tensor) -> Tensor:
+        """``lm_head(norm(x))``, the logits of the last block's output."""
+        stacks = self._fused
+        norms = fusion.norms_serve(stacks)
+        h = self.norm(x) if norms is None else norms[0](x)
+        stack = None if stacks is None else stacks.out
+        return F.linear(h, stack.weight, stack.bias) if fusion.serves(stack, h) else self.lm_head(h)
+
     def cache_spec(self) -> dict:
         """Keyword arguments describing this model's keys and values for a cache constructor:
         ``KVCache(batch_size=2, capacity=512, **model.cache_spec())``."""
@@ -315,7 +329,7 @@ class Decoder(nn.Module):
                           backend=backend)
             if cache is not None:
                 cache.commit()
-            return self.lm_head(self.norm(x))
+            return self._head(x)
         except BaseException:
             if cache is not None:
                 cache.abort()  # the step failed: nothing is committed, and the sequences are free again

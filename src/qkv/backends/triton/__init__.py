@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ...problem import Problem
 from ..capabilities import Capabilities, reasons
-from .configs import interpreting
+from .configs import deterministic, interpreting, set_deterministic
 from .programs import mask_program, score_program
 
 #: Largest head dim (of q/k and of v) the kernels serve with gradients, and forward only.
@@ -33,6 +33,12 @@ _BYTES_PER_SECOND = 2.5e12  # reading K and V once (decode is bandwidth-bound)
 
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
+class PagedUnsupported(ValueError):
+    """:func:`paged_attention` / :class:`~.decode.PagedDecode` do not serve these arguments (the
+    message says why: dtype, device, mask, score modifier, too many stacked query rows); a caller
+    with another path (a ``PagedBatch`` step gathering its pages) takes that one."""
 
 
 class TritonBackend:
@@ -109,4 +115,14 @@ def paged_attention(*args, **kwargs):
     return run(*args, **kwargs)
 
 
-__all__ = ["TritonBackend", "triton_available", "paged_attention"]
+def paged_decode(*args, **kwargs):
+    """A paged decode step prepared once and run per layer (see :class:`.decode.PagedDecode`)."""
+    if not triton_available():
+        raise PagedUnsupported("Triton is not installed (pip install 'qkv[triton]')")
+    from .decode import PagedDecode
+
+    return PagedDecode(*args, **kwargs)
+
+
+__all__ = ["TritonBackend", "triton_available", "paged_attention", "paged_decode", "PagedUnsupported",
+           "set_deterministic", "deterministic"]

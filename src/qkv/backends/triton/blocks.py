@@ -27,7 +27,10 @@ def positions(problem: Problem) -> tuple[Tensor, Tensor]:
     """``(B,)`` int32 positions of query row 0 and key column 0 per batch element (the problem's
     ``q_offset`` / ``k_offset``: key column ``j`` of batch ``b`` is at ``k_offset[b] + j``)."""
     p = problem
-    return tuple(torch.as_tensor(x, device=p.device).to(torch.int32).expand(p.batch).contiguous()
+    # An int becomes a fill on the device (no host-to-device copy, which would wait for the device
+    # and could not be captured in a CUDA graph); a tensor offset is already there.
+    return tuple(torch.full((p.batch,), x, dtype=torch.int32, device=p.device) if isinstance(x, int)
+                 else x.to(device=p.device, dtype=torch.int32).expand(p.batch).contiguous()
                  for x in (p.q_offset, p.k_offset))
 
 

@@ -1,10 +1,12 @@
 """Tile configurations and the autotuning cache (no triton import at module level).
 
-Each kernel direction (``fwd``, ``bwd``) has a few candidate configurations per head dim. On CUDA
-the first call for a key ``(device, direction, D, Dv, dtype, mask class, score class, dropout)``
-times each candidate on that call's problem (``triton.testing.do_bench``) and caches the fastest
-for the process; later calls with the same key reuse it (masks of one class share it whatever their
-sizes). Under ``TRITON_INTERPRET=1`` timing is meaningless: one small configuration is used.
+Each kernel direction (``fwd``, ``bwd``, ``decode``) has a few candidate configurations per head
+dim. On CUDA the first call for a key (device, direction, D, Dv, dtype, mask class, score class,
+and dropout for training, paged layout and stacked rows for decode) times each candidate on that
+call's problem (``triton.testing.do_bench``) and caches the fastest for the process; later calls
+with the same key reuse it (masks of one class share it whatever their sizes).
+``QKV_TRITON_AUTOTUNE=0`` takes each list's first entry. Under ``TRITON_INTERPRET=1`` timing is
+meaningless: one small configuration is used.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Config:
+    """Tile sizes and launch options. ``block_m`` is unused by the decode kernel (its tile holds the
+    stacked query rows, ``G * Nq``)."""
+
     block_m: int
     block_n: int
     num_warps: int = 4
@@ -35,6 +40,12 @@ def candidates(direction: str, head_dim: int, float32: bool = False) -> list[Con
     IEEE-precision dots, which need far more registers per tile: smaller tiles."""
     if interpreting():
         return [INTERPRETER]
+    if direction == "decode":  # memory-bound: keys per tile, warps and pipelining stages
+        if float32:
+            return [Config(0, 32, 4, 2), Config(0, 16, 4, 2), Config(0, 32, 8, 3)]
+        if head_dim <= 128:
+            return [Config(0, 64, 4, 2), Config(0, 128, 8, 2), Config(0, 64, 4, 3), Config(0, 32, 4, 3)]
+        return [Config(0, 32, 4, 2), Config(0, 64, 8, 2), Config(0, 16, 4, 3)]
     if float32:
         if direction == "fwd" and head_dim <= 64:
             return [Config(64, 32, 4, 2), Config(32, 32, 4, 2), Config(64, 64, 8, 2)]
@@ -55,6 +66,28 @@ def candidates(direction: str, head_dim: int, float32: bool = False) -> list[Con
 
 
 _CACHE: dict[tuple, Config] = {}
+
+_DETERMINISTIC = os.environ.get("QKV_TRITON_DETERMINISTIC", "1") != "0"
+
+
+def set_deterministic(enabled: bool) -> None:
+    """The backward's mode. True (the default; ``QKV_TRITON_DETERMINISTIC=0`` starts with False):
+    a ``dq`` kernel and a ``dk``/``dv`` kernel, each output tile written once by one program, so
+    gradients are bit-identical run to run. False: one kernel, ``dq`` accumulated with float32
+    atomic adds from every key tile (no second pass over the scores; the order of the additions,
+    and so the last bits, vary run to run). ``torch.use_deterministic_algorithms(True)`` keeps the
+    deterministic mode whatever this says; so do score modifiers whose tensors need gradients."""
+    global _DETERMINISTIC
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    _DETERMINISTIC = enabled
+
+
+def deterministic() -> bool:
+    """Whether the backward runs in its deterministic mode (see :func:`set_deterministic`)."""
+    import torch
+
+    return _DETERMINISTIC or torch.are_deterministic_algorithms_enabled()
 
 
 def pick(key: tuple, options: list[Config], run: Callable[[Config], None]) -> Config:

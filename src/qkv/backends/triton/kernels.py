@@ -409,15 +409,15 @@ def _dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, QOFF, KOFF, DSLOPE, DTAB,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdom, scale, b, h, bh, cols, kpos,
-               qoff, Nq, Nk, D: tl.constexpr, Dv: tl.constexpr, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth,
+def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, DQ_head, sqm, sdom, scale, b, h, bh, cols,
+               kpos, qoff, Nq, Nk, D: tl.constexpr, Dv: tl.constexpr, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth,
                SLOPES, cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep,
                PARTIAL: tl.constexpr, EVEN_N: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                BD: tl.constexpr, BDV: tl.constexpr,
                MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                L4: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr, CAP: tl.constexpr,
                POS_ALIBI: tl.constexpr, POS_REL: tl.constexpr, POS_CAP: tl.constexpr,
-               DROPOUT: tl.constexpr, DOT: tl.constexpr):
+               DROPOUT: tl.constexpr, DOT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     offs_d = tl.arange(0, BD)
     offs_dv = tl.arange(0, BDV)
     rows = qi * BM + tl.arange(0, BM)[:, None]
@@ -445,11 +445,18 @@ def _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdo
         dv += _dot(tl.trans(_operand(p, do, DOT)), do, DOT)
     ds = tl.where(s == NEG_INF, 0.0, p * (dp - delta[:, None]) * dcap)
     dk += _dot(tl.trans(_operand(ds, q, DOT)), q, DOT)
+    if ATOMIC_DQ:  # dq of these rows from this key tile, added into a float32 buffer (order varies run to run)
+        k_seen = k
+        if PARTIAL:  # keys hidden from every row of the tile (even NaN) never reach dq
+            k_seen = tl.where(_seen_columns(s)[:, None], k, 0.0)
+        dq = _dot(_operand(ds, k_seen, DOT), k_seen, DOT) * scale
+        offs_d = tl.arange(0, BD)
+        tl.atomic_add(DQ_head + rows * D + offs_d[None, :], dq, mask=row_ok & (offs_d[None, :] < D))
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QOFF, KOFF,
+def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QOFF, KOFF, DQ_ACC,
                  sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sdob, sdoh, sdom,
                  sdkb, sdkh, sdkn, sdvb, sdvh, sdvn,
                  QN, QI, FQN, FQI, snb, snh, sib, sih,
@@ -460,7 +467,7 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QOFF, KOFF,
                  MASK_MODE: tl.constexpr, L0: tl.constexpr, L1: tl.constexpr, L2: tl.constexpr, L3: tl.constexpr,
                  L4: tl.constexpr, ALIBI: tl.constexpr, REL: tl.constexpr, CAP: tl.constexpr,
                  POS_ALIBI: tl.constexpr, POS_REL: tl.constexpr, POS_CAP: tl.constexpr,
-                 DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr):
+                 DROPOUT: tl.constexpr, EVEN_N: tl.constexpr, DOT: tl.constexpr, ATOMIC_DQ: tl.constexpr):
     kj = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // Hkv
@@ -484,25 +491,28 @@ def _dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, QOFF, KOFF,
         DO_head = DO + b * sdob + h * sdoh
         LSE_head = LSE + bh * Nq
         DELTA_head = DELTA + bh * Nq
+        DQ_head = DQ_ACC + bh * Nq * D
         lists = b * snb + h * snh + kj
         row_of_lists = b * sib + h * sih + kj * nQB
         tile_col = TMAP + b * stb + h * sth + kj
         n_partial = tl.load(QN + lists)
         for t in range(0, n_partial):
             qi = tl.load(QI + row_of_lists + t)
-            dk, dv = _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdom, scale, b, h, bh,
+            dk, dv = _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, DQ_head, sqm, sdom, scale,
+                                b, h, bh,
                                 cols, kpos, qoff, Nq, Nk, D, Dv, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth,
                                 SLOPES, cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep, True, EVEN_N,
                                 BM, BN, BD, BDV, MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL,
-                                POS_CAP, DROPOUT, DOT)
+                                POS_CAP, DROPOUT, DOT, ATOMIC_DQ)
         n_full = tl.load(FQN + lists)
         for t in range(0, n_full):
             qi = tl.load(FQI + row_of_lists + t)
-            dk, dv = _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, sqm, sdom, scale, b, h, bh,
+            dk, dv = _dkdv_tile(dk, dv, k, v, qi, Q_head, DO_head, LSE_head, DELTA_head, DQ_head, sqm, sdom, scale,
+                                b, h, bh,
                                 cols, kpos, qoff, Nq, Nk, D, Dv, tile_col, nKB, BITS, MASK_INTS, MASK_DATA, truth,
                                 SLOPES, cap, TABLE, table_sh, max_dist, seed, threshold, inv_keep, False, EVEN_N,
                                 BM, BN, BD, BDV, MASK_MODE, L0, L1, L2, L3, L4, ALIBI, REL, CAP, POS_ALIBI, POS_REL,
-                                POS_CAP, DROPOUT, DOT)
+                                POS_CAP, DROPOUT, DOT, ATOMIC_DQ)
     tl.store(DK + b * sdkb + hk * sdkh + cols.reshape(BN, 1) * sdkn + offs_d[None, :],
              (dk * scale).to(DK.dtype.element_ty), mask=col_ok & (offs_d[None, :] < D))
     tl.store(DV + b * sdvb + hk * sdvh + cols.reshape(BN, 1) * sdvn + offs_dv[None, :],

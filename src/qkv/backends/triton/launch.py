@@ -140,6 +140,7 @@ class Launch:
         dk = torch.empty_like(k)
         dv = torch.empty_like(v)
         wp = triton.next_power_of_2(self.width) if want_table else 1
+        atomic = not (configs.deterministic() or want_slopes or want_table)
         bufs = {}
 
         def run(cfg):
@@ -149,19 +150,27 @@ class Launch:
             bufs["table"] = torch.zeros(n_prog * wp if want_table else 1, dtype=torch.float32, device=p.device)
             bufs["nqb"] = t.nqb
             const = self.constexprs(cfg)
-            kernels._dq_kernel[(t.nqb, p.batch * p.q_heads)](
-                q, k, v, dout, dq, lse, delta, self.qoff, self.koff, bufs["slope"], bufs["table"],
-                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
-                *t.list_args(t.by_query, p.batch, p.q_heads), *self.common(t), *self.sizes(t),
-                WP=wp, SLOPE_GRAD=want_slopes, TABLE_GRAD=want_table, **const)
+            if atomic:  # dq from the dk/dv kernel, summed in float32
+                bufs["dq"] = torch.zeros(p.batch, p.q_heads, p.nq, p.head_dim, dtype=torch.float32, device=p.device)
+            else:
+                bufs["dq"] = bufs["slope"]  # unused
+                kernels._dq_kernel[(t.nqb, p.batch * p.q_heads)](
+                    q, k, v, dout, dq, lse, delta, self.qoff, self.koff, bufs["slope"], bufs["table"],
+                    *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dq.stride()[:3],
+                    *t.list_args(t.by_query, p.batch, p.q_heads), *self.common(t), *self.sizes(t),
+                    WP=wp, SLOPE_GRAD=want_slopes, TABLE_GRAD=want_table, **const)
             kernels._dkdv_kernel[(t.nkb, p.batch * p.kv_heads)](
-                q, k, v, dout, dk, dv, lse, delta, self.qoff, self.koff,
+                q, k, v, dout, dk, dv, lse, delta, self.qoff, self.koff, bufs["dq"],
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3], *dk.stride()[:3],
                 *dv.stride()[:3], *t.list_args(t.by_key, p.batch, p.q_heads), *self.common(t),
-                p.q_heads, p.kv_heads, p.group, p.nq, p.nk, t.nqb, t.nkb, p.head_dim, p.v_dim, p.scale, **const)
+                p.q_heads, p.kv_heads, p.group, p.nq, p.nk, t.nqb, t.nkb, p.head_dim, p.v_dim, p.scale,
+                ATOMIC_DQ=atomic, **const)
 
-        cfg = configs.pick(self.key("bwd"), configs.candidates("bwd", max(p.head_dim, p.v_dim), p.dtype == torch.float32), run)
+        key = self.key("bwd") + (("atomic dq",) if atomic else ())
+        cfg = configs.pick(key, configs.candidates("bwd", max(p.head_dim, p.v_dim), p.dtype == torch.float32), run)
         run(cfg)
+        if atomic:
+            dq = bufs["dq"].to(q.dtype)
         dslopes = dtable = None
         if want_slopes:
             dslopes = bufs["slope"].view(p.batch, p.q_heads, bufs["nqb"]).sum((0, 2))

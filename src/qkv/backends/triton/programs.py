@@ -174,8 +174,16 @@ def mask_program(mask: M.Mask | None, batch: int, nq: int, nk: int, device) -> M
     for i, (_, values) in enumerate(bld.leaves):
         ints[i] = torch.tensor(values, dtype=torch.int32)
     data = torch.cat(bld.chunks) if bld.chunks else torch.zeros(1, dtype=torch.int32, device=device)
-    return MaskProgram(PROGRAM, codes, ints.to(device), data.to(device=device, dtype=torch.int32).contiguous(),
-                       truth)
+    return MaskProgram(PROGRAM, codes, _on(ints, device), _on(data.to(torch.int32), device).contiguous(), truth)
+
+
+def _on(t: Tensor, device) -> Tensor:
+    """``t`` on ``device``; from the CPU to CUDA through pinned memory, asynchronously (a pageable
+    copy would wait for the device to finish its queue)."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 # --------------------------------------------------------------------------------------------
