@@ -1,5 +1,5 @@
-"""``qkv bench``: each timing's spread over its runs, ``auto`` timed as the backend it picked, and
-ratios that never print as ``0.0x``."""
+"""``qkv bench``: each timing's spread over its interleaved runs, ``auto`` timed on its own (dispatch
+included), and ratios that never print as ``0.0x``."""
 
 import pytest
 
@@ -12,22 +12,32 @@ def test_ratios_keep_their_digits():
         ["0.012x", "0.068x", "0.70x", "1.00x", "5.97x", "16.4x", "123.4x"]
 
 
-def test_rows_keep_every_run_and_auto_is_the_picked_backend():
+def test_rows_keep_every_run_and_time_auto_on_its_own():
     row = bench.run_problem(64, "window", heads=2, head_dim=16, window=16, repeat=3, peers=(),
                             backends=["tiled", "sdpa"])
     for name in ("tiled", "sdpa", "auto"):
         low, mid, high = row.spread(name)
-        assert len(row.samples[name]) == 3 and low <= mid <= high and low == row.times[name]
-    assert row.times["auto"] == row.times[row.auto_choice] and row.samples["auto"] == row.samples[row.auto_choice]
+        assert len(row.samples[name]) == 3 and len(row.cpu_samples[name]) == 3
+        assert low <= mid <= high and mid == row.times[name]
+    assert row.auto_choice in ("tiled", "sdpa") and row.samples["auto"] is not row.samples[row.auto_choice]
+    assert len(row.load) == 2
     table = bench.format_spread([row], ["tiled", "sdpa"])
     assert table.splitlines()[2].startswith("| 64 | window | ") and table.count(" / ") == 4
+
+
+def test_interleaved_rounds_rotate_the_order():
+    order = []
+    wall, cpu = bench.interleaved({n: (lambda n=n: order.append(n)) for n in "abc"}, 3)
+    assert order == list("abc") + list("abc") + list("bca") + list("cab")  # warm-up, then rotated rounds
+    assert all(len(wall[n]) == len(cpu[n]) == 3 for n in "abc")
 
 
 def test_the_command_prints_both_tables(capsys):
     assert cli(["bench", "--seq", "64", "--masks", "causal", "--heads", "2", "--head-dim", "16", "--repeat", "2",
                 "--backends", "tiled", "sdpa"]) == 0
     printed = capsys.readouterr().out
-    assert "| N | mask | tiled | sdpa |" in printed and "| auto picks | picked/best | sdpa/tiled |" in printed
+    assert "| N | mask | tiled | sdpa |" in printed
+    assert "| auto picks | auto/best | picked/best | sdpa/tiled |" in printed
     assert "min / median / max" in printed and "0.0x" not in printed
 
 

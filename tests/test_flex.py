@@ -100,6 +100,41 @@ def test_block_mask_is_qkv_block_view_per_batch():
     assert dense.shape == (2, 1, 3, 3) and dense[0, 0].tolist() == [[1, 0, 0], [1, 0, 0], [1, 0, 0]]
 
 
+def test_block_mask_is_built_once_per_mask_shapes_and_tables():
+    """The BlockMask is kept on the layout cached on the user's mask object: the same mask and
+    shapes reuse it (no per-call rebuild); other positions, lengths or a table changed in place
+    get their own, and the results stay right."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 300, 16, generator=g) for _ in range(3))
+    ids = torch.arange(300) // 70
+    mask = qkv.document(ids) & qkv.sliding_window(90)
+    first = flex.block_mask(make_problem(q, k, v, mask))
+    assert flex.block_mask(make_problem(q, k, v, mask)) is first
+    short = flex.block_mask(make_problem(q[:, :, :200], k, v, mask))  # another Nq (bottom-right)
+    assert short is not first and flex.block_mask(make_problem(q[:, :, :200], k, v, mask)) is short
+    assert flex.block_mask(make_problem(q[:, :, :200], k, v, mask, q_offset=0)) is not short  # top-left
+    ids[:150] = 0  # in place: a different mask
+    rebuilt = flex.block_mask(make_problem(q, k, v, mask))
+    assert rebuilt is not first
+    for _ in range(2):  # served from the cache, still right
+        got = qkv.attention(q, k, v, mask, backend="flex_unfused")
+        want = qkv.attention(q.double(), k.double(), v.double(), mask, backend="reference")
+        close(got, want, 1e-5, "cached block mask")
+
+
+def test_finite_check_is_one_reduction_and_exact():
+    t = torch.randn(3, 4, 50, 8)
+    assert flex.all_finite(t)
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        u = t.clone()
+        u[1, 2, 3, 4] = bad
+        assert not flex.all_finite(u)
+    big = torch.full((4, 1000), 3e38)  # the float32 sum overflows, every value is finite
+    assert flex.all_finite(big) and flex.all_finite(torch.full((4, 1000), 6e4, dtype=torch.float16))
+    big[2, 7] = float("nan")
+    assert not flex.all_finite(big)
+
+
 def test_unsupported_reasons_are_in_words():
     q = torch.randn(1, 2, 64, 16)
     backend = REGISTRY["flex"]
@@ -158,6 +193,7 @@ def test_compiled_flex_on_cpu_matches_and_does_not_recompile():
         if lengths[0] == 0:
             assert torch.equal(got[0], torch.zeros_like(got[0]))  # rows that see nothing: zeros
         counts.append(flex.compile_count())
+    assert not flex._FAILED, flex._FAILED  # compiled, not fallen back to tiled
     assert counts[1] == counts[0] and counts[2] == counts[0], counts
 
 

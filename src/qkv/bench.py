@@ -1,17 +1,20 @@
 """Side-by-side timing of attention backends and peers, one problem at a time.
 
 Used by ``qkv bench`` (a quick table) and ``benchmarks/attention_speed.py`` (the full grid with a
-result file). Every problem is run by each qkv backend that supports it, by qkv's automatic choice,
-and optionally by FlexAttention; times are the best of ``repeat`` runs after a warm-up, so that
-other load on a shared machine inflates them as little as possible, and every run's time is kept
-(``Row.samples``) so that the spread (min / median / max) shows how noisy the machine was. ``auto``
-is the backend the dispatcher picked, timed as that backend (the same runs), so the two never
-disagree.
+result file). Every problem is run by each qkv backend that supports it, by qkv's automatic choice
+(``auto``: ``qkv.attention`` with ``backend=None``, dispatch included) and optionally by
+FlexAttention called directly. After one warm-up call each (compilation happens there), the
+callables are timed in **interleaved rounds** (round ``r`` runs every one of them once, starting at
+a rotating position), so that load from other processes on a shared machine falls on all of them
+alike; a row's time is the **median** over the rounds, every run's wall time is kept
+(``Row.samples``, with the process CPU time in ``Row.cpu_samples``) so that the spread shows how
+noisy the machine was, and the load average is recorded per row.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -29,11 +32,14 @@ from qkv.problem import make_problem
 #: The reference backend materialises scores and weights; skip it beyond this many bytes of them.
 REFERENCE_LIMIT_BYTES = 6 << 30
 MASKS = ("full", "causal", "window", "document", "prefix", "window_global")
+CLOCKS = ("wall", "cpu")
 
 
 @dataclass
 class Row:
-    """One problem's timings in seconds (None: not run, with the reason in ``notes``)."""
+    """One problem's timings in seconds, the median over the rounds (None: not run, with the
+    reason in ``notes``); ``samples`` every round's wall time, ``cpu_samples`` its process CPU
+    time; ``load`` the 1-minute load average before and after the row."""
 
     seq: int
     mask: str
@@ -42,15 +48,15 @@ class Row:
     auto_choice: str = ""
     samples: dict[str, list[float]] = field(default_factory=dict)
     flex_compiles: int | None = None  # compiled versions of qkv's flex kernels after this row
+    cpu_samples: dict[str, list[float]] = field(default_factory=dict)
+    load: tuple[float, float] | None = None
 
-    def spread(self, name: str) -> tuple[float, float, float] | None:
+    def spread(self, name: str, clock: str = "wall") -> tuple[float, float, float] | None:
         """``(min, median, max)`` seconds over the timed runs of ``name``, or None if it did not run."""
-        runs = sorted(self.samples.get(name) or [])
+        runs = sorted((self.samples if clock == "wall" else self.cpu_samples).get(name) or [])
         if not runs:
             return None
-        mid = len(runs) // 2
-        median = runs[mid] if len(runs) % 2 else (runs[mid - 1] + runs[mid]) / 2
-        return runs[0], median, runs[-1]
+        return runs[0], median(runs), runs[-1]
 
     @property
     def best(self) -> tuple[str, float]:
@@ -90,16 +96,36 @@ def best_time(fn: Callable[[], object], repeat: int, device: str | torch.device 
 
 def run_times(fn: Callable[[], object], repeat: int, device: str | torch.device = "cpu") -> list[float]:
     """Wall times of ``repeat`` runs after one warm-up run, as :func:`best_time` takes them."""
+    return interleaved({"fn": fn}, repeat, device)[0]["fn"]
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, device: str | torch.device = "cpu",
+                warm: bool = True) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """``(wall, cpu)``: per name, the wall and process CPU seconds of each of ``rounds`` runs.
+    Each callable runs once first (``warm``; compiles happen there), then round ``r`` runs all of
+    them once, starting at position ``r`` of ``fns``: neighbours in time share the machine's load."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
-    fn()
-    times = []
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return times
+    names = list(fns)
+    for name in names if warm else ():
+        fns[name]()
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            sync()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fns[name]()
+            sync()
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    return wall, cpu
+
+
+def median(values: list[float]) -> float:
+    runs = sorted(values)
+    mid = len(runs) // 2
+    return runs[mid] if len(runs) % 2 else (runs[mid - 1] + runs[mid]) / 2
 
 
 def _flex_runner(q, k, v, mask_name, seq, window, documents):
@@ -137,29 +163,33 @@ def _flex_runner(q, k, v, mask_name, seq, window, documents):
 
 def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtype=torch.float32, device="cpu",
                 window=512, documents=8, backward=False, repeat=3, peers=("flex",),
-                backends=None) -> Row:
-    """Time one problem on every supporting backend, on auto, and on the peers."""
+                backends=None, clock="wall") -> Row:
+    """Time one problem on every supporting backend, on auto and on the peers, in ``repeat``
+    interleaved rounds (see :func:`interleaved`). ``clock``: what ``Row.times`` holds, the median
+    ``"wall"`` time or the median process ``"cpu"`` time (steadier on a shared machine; with one
+    thread it is the work done, whatever else runs)."""
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {CLOCKS}, got {clock!r}")
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(batch, heads, seq, head_dim, generator=gen, device=device, dtype=dtype)
                .requires_grad_(backward) for _ in range(3))
     mask = make_mask(mask_name, seq, window, documents)
     row = Row(seq, mask_name)
     grad = torch.ones(batch, heads, seq, head_dim, device=device, dtype=dtype)
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-    def timed(call, name):
+    def timed(call):
         def once():
             if backward:
                 call().backward(grad)
             else:
                 with torch.no_grad():
                     call()
-        row.samples[name] = run_times(once, repeat, device)
-        return min(row.samples[name])
+        return once
 
     with torch.set_grad_enabled(backward):
-        problem = make_problem(q, k, v, mask)
-        dispatch = choose(problem)
-    row.auto_choice = dispatch.chosen
+        dispatch = choose(make_problem(q, k, v, mask))
+    fns = {}
     for name in backends or REGISTRY:
         if dispatch.estimates.get(name) is None:
             row.times[name], row.notes[name] = None, "; ".join(dispatch.reasons.get(name, ["not registered"]))
@@ -167,25 +197,38 @@ def run_problem(seq: int, mask_name: str, *, batch=1, heads=4, head_dim=64, dtyp
         if name == "reference" and 3 * batch * heads * seq * seq * 4 > REFERENCE_LIMIT_BYTES:
             row.times[name], row.notes[name] = None, "skipped: materialised scores too large"
             continue
+        fn = timed(lambda name=name: qkv.attention(q, k, v, mask, backend=name))
         try:
-            row.times[name] = timed(lambda: qkv.attention(q, k, v, mask, backend=name), name)
+            fn()  # the warm-up (flex compiles here, once per kind of problem)
         except RuntimeError as err:  # a kernel that fails here is reported in the table, not fatal
             row.times[name], row.notes[name] = None, f"{type(err).__name__}: {str(err).splitlines()[-1][:120]}"
+            continue
+        fns[name] = fn
     with torch.set_grad_enabled(backward):  # auto's pick now that the backends ran (flex compiled):
         row.auto_choice = choose(make_problem(q, k, v, mask)).chosen  # the steady state of a loop
     row.flex_compiles = flex_backend.compile_count()
-    if row.auto_choice not in row.times:  # the picked backend was left out of ``backends``: time it too
-        row.times[row.auto_choice] = timed(lambda: qkv.attention(q, k, v, mask, backend=row.auto_choice),
-                                           row.auto_choice)
-    row.times["auto"], row.samples["auto"] = row.times[row.auto_choice], row.samples[row.auto_choice]
+    if row.auto_choice not in fns:  # the picked backend was left out of ``backends``: time it too
+        fns[row.auto_choice] = timed(lambda: qkv.attention(q, k, v, mask, backend=row.auto_choice))
+        fns[row.auto_choice]()
+    fns["auto"] = timed(lambda: qkv.attention(q, k, v, mask))
+    fns["auto"]()
     if "flex" in peers:
         runner, why = _flex_runner(q, k, v, mask_name, seq, window, documents)
         try:
-            row.times["flex_direct"] = timed(runner, "flex_direct") if runner else None
+            if runner:
+                fns["flex_direct"] = timed(runner)
+                fns["flex_direct"]()  # compiles for this shape
+            else:
+                row.times["flex_direct"] = None
         except Exception as err:  # a peer that fails to compile here is reported, not fatal
+            fns.pop("flex_direct", None)
             row.times["flex_direct"], why = None, f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"
         if why:
             row.notes["flex_direct"] = why
+    row.samples, row.cpu_samples = interleaved(fns, repeat, device, warm=False)
+    for name, runs in (row.samples if clock == "wall" else row.cpu_samples).items():
+        row.times[name] = median(runs)
+    row.load = (load_before, os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan"))
     return row
 
 
@@ -199,6 +242,8 @@ def environment() -> dict:
         "machine": platform.machine(),
         "processor": platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "load_average": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
     }
     try:
         with open("/proc/cpuinfo") as f:
@@ -220,13 +265,16 @@ def format_ratio(x: float) -> str:
 
 
 def format_table(rows: list[Row], columns: list[str]) -> str:
-    """A Markdown table: milliseconds per backend (best run), auto's choice, how the picked
-    backend's time compares with the fastest qkv backend's (1.00: it picked the fastest), and
-    tiled's speed-up over SDPA (SDPA's time / tiled's), and with ``flex_direct`` (FlexAttention called
-    directly, its own ``create_block_mask``) the picked backend's speed relative to it. ``auto`` is
-    the picked backend's time."""
+    """A Markdown table: milliseconds per backend (median of the interleaved rounds), auto's choice,
+    ``auto/best`` (auto's own time, dispatch included, over the fastest qkv backend's: the target
+    is <= 1.1), ``picked/best`` (the picked backend's time over the fastest's: 1.00 when it picked
+    the fastest, free of the noise between two timings of one backend), tiled's speed-up over SDPA
+    (``sdpa/tiled``) and, with ``flex_direct`` (FlexAttention called directly, its own
+    ``create_block_mask``), auto's speed relative to it (``flex_direct / auto``: the target on
+    masked rows is >= 0.95)."""
     direct = any(r.times.get("flex_direct") for r in rows)
-    head = ["N", "mask", *columns, "auto picks", "picked/best", "sdpa/tiled"] + (["auto vs flex_direct"] if direct else [])
+    head = ["N", "mask", *columns, "auto picks", "auto/best", "picked/best", "sdpa/tiled"] + (
+        ["auto vs flex_direct"] if direct else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [str(r.seq), r.mask]
@@ -234,17 +282,17 @@ def format_table(rows: list[Row], columns: list[str]) -> str:
             t = r.times.get(c)
             cells.append("—" if t is None else f"{t * 1e3:.1f}")
         _, best = r.best
-        picked = r.times.get(r.auto_choice)
+        auto, picked = r.times.get("auto"), r.times.get(r.auto_choice)
         tiled, sdpa = r.times.get("tiled"), r.times.get("sdpa")
-        cells += [r.auto_choice, f"{picked / best:.2f}" if picked else "—",
+        cells += [r.auto_choice, f"{auto / best:.2f}" if auto else "—", f"{picked / best:.2f}" if picked else "—",
                   format_ratio(sdpa / tiled) if tiled and sdpa else "—"]
         if direct:
-            cells.append(format_ratio(r.times["flex_direct"] / picked) if r.times.get("flex_direct") and picked else "—")
+            cells.append(format_ratio(r.times["flex_direct"] / auto) if r.times.get("flex_direct") and auto else "—")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def format_spread(rows: list[Row], columns: list[str]) -> str:
+def format_spread(rows: list[Row], columns: list[str], clock: str = "wall") -> str:
     """A Markdown table of each timing's spread over its runs, milliseconds ``min / median / max``:
     a wide spread means a noisy machine, and the ratios above are only as good as it."""
     head = ["N", "mask", *columns, "max/min"]
@@ -252,7 +300,7 @@ def format_spread(rows: list[Row], columns: list[str]) -> str:
     for r in rows:
         cells, worst = [str(r.seq), r.mask], 1.0
         for c in columns:
-            spread = r.spread(c) if r.times.get(c) is not None else None
+            spread = r.spread(c, clock) if r.times.get(c) is not None else None
             if spread is None:
                 cells.append("—")
                 continue

@@ -10,6 +10,8 @@ its consumers need, each computed once and kept:
   element when sequences differ (their own empty tiles are skipped) or merged.
 * :meth:`BlockLayout.kv_blocks`: FlexAttention's ``BlockMask.from_kv_blocks`` arguments; also the
   tile list a Triton kernel walks.
+* :meth:`BlockLayout.kept`: anything else a backend derives from the layout and the mask it was
+  built for (the ``flex`` backend keeps its ``BlockMask`` there), built once per key.
 
 Layouts are cached on the user's mask object (:func:`cached_layout`): a model's layers, which
 pass the same mask with the same shapes, build it once.
@@ -110,6 +112,7 @@ class BlockLayout:
         self._merged: Tensor | None = None
         self._kv_blocks: KvBlocks | None = None
         self._runs: dict = {}
+        self._kept: dict = {}
 
     @staticmethod
     def full(block_q: int, block_k: int, nq: int, nk: int, device=None) -> BlockLayout:
@@ -138,6 +141,16 @@ class BlockLayout:
             full_n, full_idx = _tiles_of_kind(self.kinds, FULL)
             self._kv_blocks = KvBlocks(partial_n, partial_idx, full_n, full_idx)
         return self._kv_blocks
+
+    def kept(self, key, build):
+        """``build()``, called once per ``key`` for this layout and kept: for what a backend derives
+        from the layout and the mask it belongs to (a layout cached on the user's mask object lives
+        as long as that mask, its shapes, positions, device and tables are unchanged)."""
+        try:
+            return self._kept[key]
+        except KeyError:
+            value = self._kept[key] = build()
+            return value
 
     def per_batch(self) -> Tensor:
         """``(B|1, nQB, nKB)`` int8 on the CPU: kinds merged over heads only."""

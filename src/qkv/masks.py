@@ -218,6 +218,11 @@ class Mask:
     """Base class of all masks. Subclasses implement :meth:`allowed`; they may override
     :meth:`block_kinds` with an analytic version and :meth:`bind` to validate their sizes."""
 
+    #: Rough cost of evaluating :meth:`allowed` on one score, in element-wise operations (a
+    #: comparison is 1, a table lookup 2): what a kernel pays per score of a partial tile. Only
+    #: the cost estimates read it; masks that do not say are assumed to cost 4.
+    work: float = 4.0
+
     def allowed(self, b: Tensor, h: Tensor, q: Tensor, k: Tensor) -> Tensor:
         """Bool tensor: True where query position ``q`` may attend to key position ``k``."""
         raise NotImplementedError
@@ -303,6 +308,8 @@ def evaluate_block_kinds(mask: Mask, grid: TileGrid, batch: int, heads: int) -> 
 class Causal(Mask):
     """Key ``k`` is visible from query ``q`` iff ``k <= q`` (positions; bottom-right by default)."""
 
+    work = 1.0  # k <= q
+
     def allowed(self, b, h, q, k):
         return k <= q
 
@@ -321,6 +328,8 @@ WIDEST_WINDOW = 1 << 53
 
 class SlidingWindow(Mask):
     """Key ``k`` is visible from query ``q`` iff ``q - left <= k <= q + right``."""
+
+    work = 3.0  # two comparisons and an and
 
     def __init__(self, left: int, right: int = 0):
         for name, value in (("left", left), ("right", right)):
@@ -388,6 +397,8 @@ class KeyPadding(Mask):
     """Key ``k`` is visible iff ``k < lengths[b]`` (a position): the first ``lengths[b]`` keys of
     batch element ``b`` are real, the rest padding."""
 
+    work = 1.0  # k < length[b]
+
     def __init__(self, lengths):
         self.lengths = _int_vector("key_padding: lengths", lengths)
 
@@ -420,6 +431,10 @@ class Document(Mask):
     query position); queries take the id at their position. For cross-attention between two packed
     sequences pass ``q_segment_ids`` (``(Nq,)`` or ``(B, Nq)``), indexed by query row.
     """
+
+    @property
+    def work(self) -> float:
+        return 4.0 if self.causal else 2.0  # two lookups compared (and k <= q)
 
     def __init__(self, segment_ids, causal: bool = False, q_segment_ids=None):
         self.segment_ids = self._as_rows(_int_vector("document: segment_ids", segment_ids, allow_2d=True))
@@ -507,6 +522,8 @@ class GlobalTokens(Mask):
     every key and every query attends to them. Combine with a local mask:
     ``sliding_window(w) | global_tokens(idx)``."""
 
+    work = 4.0  # a flag per query and per key, or-ed
+
     def __init__(self, indices):
         self.indices = torch.unique(_int_vector("global_tokens: indices", indices))  # sorted
 
@@ -547,6 +564,8 @@ class BlockSparse(Mask):
     whether a whole ``block_size x block_size`` block may attend. ``layout`` is bool,
     ``(nQ, nK)`` or ``(B|1, H|1, nQ, nK)``, covering every query and key position (by default
     ``ceil(Nk / block_size)`` blocks both ways)."""
+
+    work = 3.0  # a lookup in the tile layout
 
     def __init__(self, layout: Tensor, block_size: int):
         if not isinstance(layout, Tensor) or layout.dtype != torch.bool:
@@ -605,6 +624,8 @@ class BlockSparse(Mask):
 class TensorMask(Mask):
     """A materialised bool mask, broadcastable to ``(B, H, Nq, Nk)``, indexed by query row and key
     column (not by position)."""
+
+    work = 2.0  # a lookup in the tensor
 
     def __init__(self, tensor: Tensor):
         if not isinstance(tensor, Tensor) or tensor.dtype != torch.bool:
@@ -676,6 +697,11 @@ class _Combined(Mask):
         self.parts = parts
 
     @property
+    def work(self) -> float:
+        """The parts' work and one operation to combine them."""
+        return sum(part.work for part in self.parts) + 1.0
+
+    @property
     def analytic_block_view(self) -> bool:
         return all(p.analytic_block_view for p in self.parts)
 
@@ -726,6 +752,8 @@ class Not(_Combined):
 class PrefixLM(Mask):
     """Prefix-LM: the keys at positions below ``prefix_len[b]`` are visible to every query, the
     rest causally. A prefix longer than the sequence makes the whole sequence bidirectional."""
+
+    work = 3.0  # k < prefix[b], q >= 0, k <= q
 
     def __init__(self, prefix_len):
         self.prefix_len = _int_vector("prefix_lm: prefix_len", prefix_len)

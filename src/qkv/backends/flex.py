@@ -23,6 +23,7 @@ small one-off calls never wait for a compile.
 from __future__ import annotations
 
 import copy
+import math
 import types
 import warnings
 from dataclasses import dataclass
@@ -124,12 +125,13 @@ def tensorized(mask: Mask, device, batch: int = 1) -> Mask:
     return copied
 
 
-def mask_mod(problem: Problem):
-    """Flex ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for the problem's mask (None without one)."""
+def mask_mod(problem: Problem, offsets: tuple[Tensor, Tensor] | None = None):
+    """Flex ``mask_mod(b, h, q_idx, kv_idx) -> bool`` for the problem's mask (None without one);
+    ``offsets``: :func:`positions`' tensors, if already made."""
     if problem.mask is None:
         return None
     mask = tensorized(problem.mask, problem.index_device, problem.batch)
-    q_off, k_off = positions(problem)
+    q_off, k_off = offsets if offsets is not None else positions(problem)
 
     def qkv_mask(b, h, q_idx, kv_idx):
         return mask.allowed(b, h, q_idx + q_off[b], kv_idx + k_off[b])
@@ -137,14 +139,14 @@ def mask_mod(problem: Problem):
     return qkv_mask
 
 
-def score_mod(problem: Problem):
+def score_mod(problem: Problem, offsets: tuple[Tensor, Tensor] | None = None):
     """Flex ``score_mod(score, b, h, q_idx, kv_idx) -> score`` for the problem's score modifier
     and additive bias (None if it has neither). Their tensors are captured, so they get gradients."""
     p = problem
     mod, bias = p.score_mod, p.bias
     if mod is None and bias is None:
         return None
-    q_off, k_off = positions(p)
+    q_off, k_off = offsets if offsets is not None else positions(p)
     tensors = mod.tensors if mod is not None else ()
     if bias is not None:  # a stride-0 view, indexed per score like the other tensors
         bias = bias.expand(p.batch, p.q_heads, p.nq, p.nk)
@@ -175,16 +177,49 @@ def kv_blocks(problem: Problem) -> KvBlocks:
     return problem.layout(BLOCK, BLOCK).kv_blocks()
 
 
-def block_mask(problem: Problem) -> BlockMask:
-    """The problem's ``BlockMask``, built from its block view in ``O(tiles)``."""
-    blocks = kv_blocks(problem)
+@dataclass(frozen=True)
+class FlexInputs:
+    """What a Flex call needs besides ``q, k, v`` and the ``score_mod``, built once per block
+    layout: the ``BlockMask`` (its ``mask_mod`` included) and the position offsets ``(B,)`` int64
+    that ``score_mod`` reads (tensors of their own: inductor's CPU template fails to compile when
+    the mask and score graphs capture the same tensor)."""
+
+    block_mask: BlockMask
+    score_offsets: tuple[Tensor, Tensor]
+
+
+def flex_inputs(problem: Problem) -> FlexInputs:
+    """The problem's :class:`FlexInputs`, kept on its block layout (:meth:`BlockLayout.kept`): the
+    layout is cached on the user's mask object, so a model's layers and steps, which pass the same
+    mask with the same shapes and positions, build the BlockMask once instead of per call."""
+    layout = problem.layout(BLOCK, BLOCK)
+    return layout.kept(("flex", problem.requires_grad), lambda: _build_inputs(problem, layout))
+
+
+def _build_inputs(problem: Problem, layout) -> FlexInputs:
+    blocks = layout.kv_blocks()
     # Contiguous (the layout may hand out views) and of dynamic size: no guard on strides or sizes.
     tables = [_dynamic(t.contiguous()) for t in (blocks.kv_num_blocks, blocks.kv_indices,
                                                   blocks.full_kv_num_blocks, blocks.full_kv_indices)]
-    return BlockMask.from_kv_blocks(
+    block_mask = BlockMask.from_kv_blocks(
         *tables,
         BLOCK_SIZE=BLOCK, mask_mod=mask_mod(problem), seq_lengths=(problem.nq, problem.nk),
         compute_q_blocks=problem.requires_grad)
+    return FlexInputs(block_mask, positions(problem))
+
+
+def block_mask(problem: Problem) -> BlockMask:
+    """The problem's ``BlockMask``, built from its block view in ``O(tiles)`` (and kept, see
+    :func:`flex_inputs`)."""
+    return flex_inputs(problem).block_mask
+
+
+def all_finite(t: Tensor) -> bool:
+    """Are all of ``t``'s values finite? One reduction (a sum in float32, float64 for float64,
+    without a temporary the size of ``t``); only when the sum is not finite (a NaN/inf, or an
+    overflow) is every value checked."""
+    total = t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32).item()
+    return math.isfinite(total) or bool(torch.isfinite(t).all())
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,8 +338,10 @@ def signature(problem: Problem) -> tuple:
 @dataclass(frozen=True)
 class Rates:
     """Seconds per visited score (fixed part, and per unit of ``D + Dv``), extra per score of a
-    partial tile (the mask evaluated), per call (Python, BlockMask, guards), the backward/forward
-    ratio, the unfused path's seconds per score, and one compilation (forward; with backward)."""
+    partial tile (the mask evaluated: a fixed part and one per unit of the mask's
+    :attr:`~qkv.masks.Mask.work`), per call (Python, the kernel's set-up), the backward/forward
+    ratio, the unfused path's seconds per score, and one compilation (forward; with backward).
+    CPU rates are one thread's (see :mod:`qkv.backends.costs`)."""
 
     score: float
     score_per_dim: float
@@ -314,34 +351,47 @@ class Rates:
     unfused_score: float
     compile_forward: float
     compile_backward: float
+    partial_per_work: float = 0.0
 
 
-#: CPU: fitted on 2 shared cores of an x86-64 server (AVX-512), torch 2.13, B=1 H=4 D=64 float32,
-#: to compiled Flex's forward times in ``benchmarks/results/attention_speed_cpu.json`` (causal,
-#: windows and documents at N = 1k..16k: 1.6-1.7 ns per visited score; Flex has no CPU backward).
-#: Compiling one kind took 6-20 s on that machine (less with inductor's on-disk cache warm).
+#: CPU, AVX2 (``"cpu"``): fitted on 2026-12-01 on 2 vCPUs of an AMD EPYC with AVX2, torch 2.13,
+#: B=1 H=4 D=64 float32, to one-thread CPU times of compiled Flex's forward (through qkv; Flex
+#: called directly took the same) in ``benchmarks/results/attention_speed_cpu.json``: 26 ns per
+#: visited score at every mask and N = 1k-16k (twice tiled's, three times SDPA's: inductor's CPU
+#: template is far slower without AVX-512), ~1.3 ms per call, little more on partial tiles except
+#: for masks that do much work per score (window | global tokens: +5 ns).
+#: CPU, AVX-512 (``"cpu-avx512"``): fitted on 2026-11-23 on 2 cores with AVX-512 to
+#: ``attention_speed_cpu.json`` of then (causal, windows and documents at N = 1k..16k: 1.6-1.7 ns per
+#: visited score on two threads, here doubled to one thread's).
+#: Compiling one kind took 6-20 s on these machines (less with inductor's on-disk cache warm).
 #: CUDA: from the H200 measurements in ``shared/gpu`` (bf16, B=2, H=16, N=8192, D=128: 387 / 304 /
 #: 346 TFLOP/s forward on causal / window 1024 / documents, i.e. ~1.4e-12 s per visited score;
 #: forward+backward 3.6x the forward); the compile times there are estimates, not measurements.
 RATES = {
-    "cpu": Rates(score=0.3e-9, score_per_dim=0.01e-9, partial_score=0.5e-9, call=0.8e-3, backward=2.5,
-                 unfused_score=8e-9, compile_forward=10.0, compile_backward=30.0),
+    "cpu": Rates(score=5.0e-9, score_per_dim=0.166e-9, partial_score=0.0, call=1.25e-3, backward=2.5,
+                 unfused_score=50e-9, compile_forward=10.0, compile_backward=30.0, partial_per_work=1.0e-9),
+    "cpu-avx512": Rates(score=0.6e-9, score_per_dim=0.02e-9, partial_score=1.0e-9, call=0.8e-3, backward=2.5,
+                        unfused_score=16e-9, compile_forward=10.0, compile_backward=30.0),
     "cuda": Rates(score=0.2e-12, score_per_dim=4.7e-15, partial_score=0.3e-12, call=1.5e-4, backward=2.6,
                   unfused_score=5e-12, compile_forward=10.0, compile_backward=30.0),
 }
 
 
 def _rates(problem: Problem) -> Rates:
-    return RATES.get(problem.device.type, RATES["cpu"])
+    return RATES.get(costs.device_key(problem.device), RATES["cpu"])
 
 
 def visited_scores(problem: Problem) -> tuple[int, int]:
     """Scores Flex computes (in non-empty tiles) and those of them in partial tiles, over all
-    batch elements and heads."""
+    batch elements and heads (counted once per block layout, see :meth:`BlockLayout.kept`)."""
     p = problem
     if p.mask is None or p.nq * p.nk <= costs.SMALL_PROBLEM_SCORES:  # small: no block view needed
         return p.batch * p.q_heads * p.nq * p.nk, 0
-    kinds = tile_kinds(p)
+    layout = p.layout(BLOCK, BLOCK)
+    return layout.kept(("flex visited", p.batch, p.q_heads), lambda: _count_visited(p, layout.kinds))
+
+
+def _count_visited(p: Problem, kinds: Tensor) -> tuple[int, int]:
     rows = torch.clamp(p.nq - torch.arange(kinds.shape[2]) * BLOCK, max=BLOCK)
     cols = torch.clamp(p.nk - torch.arange(kinds.shape[3]) * BLOCK, max=BLOCK)
     area = (rows[:, None] * cols[None, :]).to(kinds.device)
@@ -363,9 +413,11 @@ def estimate_seconds(problem: Problem, compiled: bool = True) -> float:
         t = p.batch * p.q_heads * p.nq * p.nk * r.unfused_score * (p.head_dim + p.v_dim) / 128
     else:
         visited, partial = visited_scores(p)
-        t = visited * (r.score + r.score_per_dim * (p.head_dim + p.v_dim)) + partial * r.partial_score
+        work = p.mask.work if p.mask is not None else 0.0
+        t = (visited * (r.score + r.score_per_dim * (p.head_dim + p.v_dim))
+             + partial * (r.partial_score + r.partial_per_work * work))
     t = t * (1 + r.backward) if p.requires_grad else t
-    return r.call + t
+    return r.call + t / costs.parallel(p)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,7 +501,8 @@ class FlexBackend:
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor | None]:
         p = problem
-        if p.mask is not None and not bool(torch.isfinite(p.v).all()):
+        inputs = flex_inputs(p)
+        if p.mask is not None and not all_finite(p.v):
             # Flex multiplies every weight of a partial tile by its value, so a NaN/inf value at a
             # hidden key (garbage in a padded batch or an unused cache slot) would reach the output
             # as 0 * NaN. The tiled backend keeps such values out (docs/attention.md, Guarantees).
@@ -464,11 +517,16 @@ class FlexBackend:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
             if p.bias is not None:
                 _dynamic(p.bias)
+        args = (p.q, p.k, p.v, score_mod(p, inputs.score_offsets), inputs.block_mask, p.scale, p.group > 1,
+                p.return_lse)
+        if sig in _READY:  # compiled before: Flex's warnings were given (and silenced) at tracing
+            out, lse = call(*args)
+            return out, (None if lse is None else lse.to(p.compute_dtype))
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")
                 warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
-                out, lse = call(p.q, p.k, p.v, score_mod(p), block_mask(p), p.scale, p.group > 1, p.return_lse)
+                out, lse = call(*args)
         except Exception as err:  # noqa: BLE001 - the first compiled call of a kind may fail to lower
             if not self.compiled or sig in _READY:
                 raise
@@ -487,5 +545,5 @@ class FlexBackend:
         return out, lse
 
 
-__all__ = ["FlexBackend", "BLOCK", "AMORTIZE_CALLS", "compile_count", "block_mask", "mask_mod", "score_mod",
-           "kv_blocks", "positions", "tensorized", "signature"]
+__all__ = ["FlexBackend", "FlexInputs", "BLOCK", "AMORTIZE_CALLS", "compile_count", "flex_inputs", "block_mask",
+           "mask_mod", "score_mod", "kv_blocks", "positions", "tensorized", "signature", "all_finite"]

@@ -99,8 +99,8 @@ class ReferenceBackend:
         """The materialised ``(B, Hq, Nq, Nk)`` softmax: a fixed cost per score."""
         p = problem
         r = costs.rates(p)
-        t = p.nq * p.nk * p.batch * p.q_heads * r.reference_score * (p.head_dim + p.v_dim) / 128
-        return costs.with_backward(p, t, r.tiled_backward)
+        t = p.nq * p.nk * p.batch * p.q_heads * (r.reference_score + r.reference_score_per_dim * (p.head_dim + p.v_dim))
+        return costs.with_backward(p, t / costs.parallel(p) + r.reference_call, r.tiled_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
         hidden = hidden_entries(problem)

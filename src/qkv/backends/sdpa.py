@@ -78,9 +78,11 @@ class SdpaBackend:
         t = p.nq * p.nk * p.batch * p.q_heads * (r.sdpa_score + r.sdpa_score_per_dim * (p.head_dim + p.v_dim))
         if uses_is_causal(p):
             t *= r.sdpa_causal_fraction
+        call = 0.0
         if dense_mask_bytes(p):
             t = t * r.sdpa_mask_slowdown + p.batch * p.nq * p.nk * r.mask_element
-        return costs.with_backward(p, t, r.sdpa_backward)
+            call = r.sdpa_mask_call
+        return costs.with_backward(p, t / costs.parallel(p) + call, r.sdpa_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, None]:
         p = problem

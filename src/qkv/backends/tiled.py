@@ -311,6 +311,22 @@ class _TiledFunction(torch.autograd.Function):
         return (None, *grads, dbias, *dmod)
 
 
+def _count_walk(p: Problem, layout, s: TileSizes) -> tuple[int, int, int, int]:
+    """Scores the walk visits, those of them on partial tiles, its runs, and its partial runs
+    (where the mask is evaluated: a few more small tensor operations per run), for the estimate."""
+    visited = partial = steps = partial_steps = 0
+    for b0, b1, plan in layout.runs(s.max_run):
+        count = (p.batch if b1 is None else b1 - b0) * p.q_heads
+        for i, runs in enumerate(plan):
+            rows = min(s.block_q, p.nq - i * s.block_q)
+            for c0, c1, is_partial in runs:
+                visited += count * rows * (c1 - c0)
+                partial += count * rows * (c1 - c0) if is_partial else 0
+                partial_steps += is_partial
+            steps += len(runs)
+    return visited, partial, steps, partial_steps
+
+
 class TiledBackend:
     """Flash attention in PyTorch (see module docstring); runs on any device, any dtype."""
 
@@ -337,20 +353,17 @@ class TiledBackend:
             partial = 0 if small else visited
             q_tiles, k_tiles = -(-p.nq // s.block_q), -(-p.nk // s.block_k)
             steps = q_tiles * -(-k_tiles * s.block_k // s.max_run)
+            partial_steps = 0 if p.mask is None else steps
         else:
-            visited = partial = steps = 0
-            for b0, b1, plan in p.layout(s.block_q, s.block_k).runs(s.max_run):
-                count = (p.batch if b1 is None else b1 - b0) * heads
-                for i, runs in enumerate(plan):
-                    rows = min(s.block_q, p.nq - i * s.block_q)
-                    for c0, c1, is_partial in runs:
-                        visited += count * rows * (c1 - c0)
-                        partial += count * rows * (c1 - c0) if is_partial else 0
-                    steps += len(runs)
+            layout = p.layout(s.block_q, s.block_k)
+            visited, partial, steps, partial_steps = layout.kept(("tiled counts", s.max_run, p.batch, heads),
+                                                                 lambda: _count_walk(p, layout, s))
         bias = r.tiled_bias_score if p.bias is not None else 0.0
-        t = (visited * (r.tiled_score + r.tiled_score_per_dim * (p.head_dim + p.v_dim) + bias)
-             + partial * r.tiled_partial_score + steps * r.tiled_step)
-        return costs.with_backward(p, t, r.tiled_backward)
+        work = p.mask.work if p.mask is not None else 0.0
+        arithmetic = (visited * (r.tiled_score + r.tiled_score_per_dim * (p.head_dim + p.v_dim) + bias)
+                      + partial * (r.tiled_partial_score + r.tiled_partial_per_work * work))
+        overhead = steps * r.tiled_step + partial_steps * r.tiled_partial_step_per_work * work
+        return costs.with_backward(p, arithmetic / costs.parallel(p) + overhead, r.tiled_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:
         s = self.sizes

@@ -1,7 +1,8 @@
 """``qkv bench``: time qkv's backends, its automatic choice and FlexAttention side by side.
 
-Prints the table the README shows (best of ``--repeat`` runs, milliseconds; ``auto picks`` and
-``picked/best`` say whether the dispatcher chose well; ``sdpa/tiled`` is tiled's speed-up) and,
+Prints the table the README shows (median of ``--repeat`` interleaved rounds, milliseconds;
+``auto picks``, ``auto/best`` and ``picked/best`` say whether the dispatcher chose well;
+``sdpa/tiled`` is tiled's speed-up) and,
 below it, each timing's spread over the runs (min / median / max), which says how far the ratios
 can be trusted on a busy machine. The ``flex`` backend (FlexAttention through qkv) compiles once per
 mask kind, on its first row; the count is printed. ``--flex`` adds FlexAttention called directly
@@ -45,7 +46,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     timing.add_argument("--backends", nargs="+", choices=list(REGISTRY), metavar="NAME",
                         default=[name for name in REGISTRY if name != "reference"],
                         help=f"qkv backends to time, of {', '.join(REGISTRY)}")
-    timing.add_argument("--repeat", type=int, default=3, help="timed runs per problem (the table shows the best)")
+    timing.add_argument("--repeat", type=int, default=3, help="timed rounds per problem, every backend once per round (the table shows the median)")
+    timing.add_argument("--clock", default="wall", choices=bench.CLOCKS,
+                        help="the table's times: median wall time, or median process CPU time (steadier on a busy "
+                             "machine; default: wall)")
     timing.add_argument("--flex", action="store_true",
                         help="also time FlexAttention called directly (flex_direct: its own create_block_mask, "
                              "compiled once per shape: slow; default: off)")
@@ -81,15 +85,17 @@ def run(args: argparse.Namespace) -> int:
     env = bench.environment()
     direction = "forward + backward" if args.backward else "forward"
     print(f"qkv bench: B={args.batch} H={args.heads} D={args.head_dim} {args.dtype} {direction} on {args.device}; "
-          f"best of {args.repeat}, milliseconds")
-    print(f"torch {env['torch']}, {env['cpu_threads']} CPU threads{', ' + env['gpu'] if 'gpu' in env else ''}, {env['date']}")
+          f"median of {args.repeat} interleaved rounds, milliseconds of {args.clock} time")
+    print(f"torch {env['torch']}, {env['cpu_threads']} CPU threads{', ' + env['gpu'] if 'gpu' in env else ''}, {env['date']}, "
+          f"load average {env['load_average']}")
     rows = []
     for seq in args.seq:
         for mask in args.masks:
             rows.append(bench.run_problem(seq, mask, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                                           dtype=DTYPES[args.dtype], device=args.device, window=args.window,
                                           documents=args.documents, backward=args.backward, repeat=args.repeat,
-                                          peers=("flex",) if args.flex else (), backends=args.backends))
+                                          peers=("flex",) if args.flex else (), backends=args.backends,
+                                          clock=args.clock))
             print(f"  N={seq:<6} {mask:<9} done", flush=True)
     report(rows, args)
     if args.json:
@@ -103,9 +109,8 @@ def report(rows: list[bench.Row], args: argparse.Namespace) -> None:
     columns = [c for c in (*args.backends, "flex_direct") if any(r.times.get(c) is not None for r in rows)]
     print()
     print(bench.format_table(rows, columns))
-    print(f"\nspread over the {args.repeat} timed runs, milliseconds min / median / max "
-          "(auto is the backend it picks):")
-    print(bench.format_spread(rows, columns))
+    print(f"\nspread over the {args.repeat} timed rounds, milliseconds of {args.clock} time min / median / max:")
+    print(bench.format_spread(rows, [*columns, "auto"], args.clock))
     if rows and rows[-1].flex_compiles is not None:
         print(f"\nflex compiles: {rows[-1].flex_compiles} (one per kind of problem; new lengths, windows, ids reuse them)")
     notes = sorted({f"{name}: {why}" for r in rows for name, why in r.notes.items()})
