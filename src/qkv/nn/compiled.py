@@ -22,11 +22,12 @@ The modules are the model's own (blocks, attention, norms); only the cache layer
 (:class:`StaticCacheLayer`), and it runs the attention itself, with
 ``F.scaled_dot_product_attention`` (torch's fused kernel is what compiles and replays in a CUDA
 graph; ``qkv.explain_dispatch(..., backend="sdpa")`` shows the same choice). Slots a step may read
-but no token of the row fills are zeroed before decoding (:meth:`DecodeStep.prepare`), so that a
-mask over them is all the guard they need. Inside the step the attention and SwiGLU projections
-run as stacked products (:mod:`qkv.nn.fused`) that the step keeps and refreshes from the model's
-weights on every :meth:`~DecodeStep.prepare`, so a compiled graph (or CUDA graph) holds the same
-tensors on every call. ``Decoder.generate(..., compile=True)`` prefills eagerly, then decodes with
+but no token of the row fills are zeroed before decoding (:meth:`DecodeStep.clear_free_slots`),
+so that a mask over them is all the guard they need. Inside the step the attention and SwiGLU projections
+run as stacked products (:mod:`qkv.nn.fused`; on the CPU transposed copies of every projection)
+that the step keeps and brings up to date where the model's weights changed
+(:meth:`~DecodeStep.refresh`), so a compiled graph (or CUDA graph) holds the same tensors on
+every call. ``Decoder.generate(..., compile=True)`` prefills eagerly, then decodes with
 the compiled step.
 """
 
