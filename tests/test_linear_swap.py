@@ -18,7 +18,8 @@ def module_and_input(seed=0, **kwargs):
 
 
 def by_hand(mha, x, attend):
-    q, k, v = mha._project(x, x, x)  # (B, H, N, D) each
+    _, q, k, v = mha._project_heads_last(x, x, x)  # (B, N, H, D) each
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     out = attend(q, k, v)
     return mha.out_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1))
 

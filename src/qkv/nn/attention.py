@@ -241,11 +241,6 @@ class MultiHeadAttention(nn.Module):
         if key.shape[1] != value.shape[1]:
             raise ValueError(f"key and value must have the same length, got {key.shape[1]} and {value.shape[1]}")
 
-    def _project(self, query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Projected ``q (B, Hq, N, D)``, ``k, v (B, Hkv, S, D)``."""
-        _, q, k, v = self._project_heads_last(query, key, value)
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-
     def _project_heads_last(self, query: Tensor, key: Tensor, value: Tensor, *, joint: bool = False):
         """``(qk, q, k, v)``: projected ``q (B, N, Hq, D)``, ``k, v (B, S, Hkv, D)`` (heads split off,
         before the tokens are moved behind them) and ``qk`` None; or with ``joint``, when
@@ -277,10 +272,6 @@ class MultiHeadAttention(nn.Module):
     def _split_heads(self, x: Tensor, heads: int) -> Tensor:
         """``(B, N, heads * D) -> (B, N, heads, D)``."""
         return x.reshape(x.shape[0], x.shape[1], heads, self.head_dim)
-
-    def _heads(self, x: Tensor, heads: int) -> Tensor:
-        """``(B, N, heads * D) -> (B, heads, N, D)``."""
-        return self._split_heads(x, heads).transpose(1, 2)
 
     @classmethod
     def from_torch(cls, module: nn.MultiheadAttention) -> MultiHeadAttention:
