@@ -135,7 +135,7 @@ def test_cache_stores_rotated_keys_at_their_positions():
     model(ids, cache)
     attn = model.blocks[0].attn
     x = model.blocks[0].attn_norm(model.token_embedding(ids))
-    k = model.rope(attn._heads(attn.k_proj(x), attn.num_kv_heads), 0)
+    k = model.rope(attn._split_heads(attn.k_proj(x), attn.num_kv_heads).transpose(1, 2), 0)
     torch.testing.assert_close(cache.k[0, :, :, :6], k, **TOL)
     assert cache.lengths.tolist() == [6]
 
