@@ -87,6 +87,38 @@ def test_fast_path_follows_the_dispatcher(monkeypatch):
     fastpath.clear()
 
 
+def test_fast_path_serves_a_signature_only_where_sdpa_wins_with_and_without_gradients(monkeypatch):
+    """The key holds no grad mode, so a signature is served only if the dispatcher picks SDPA in
+    both: here it picks the reference backend as soon as gradients are needed."""
+    fastpath.clear()
+    monkeypatch.setattr(REGISTRY["reference"], "estimate", lambda problem: 0.0 if problem.requires_grad else math.inf)
+    q, k, v = decode_inputs(1, 4, 4, 40, 32, torch.float32)
+    with torch.no_grad():
+        assert qkv.explain_dispatch(q, k, v).chosen == "sdpa"
+        assert fastpath.attend(q, k, v, None, None) is None
+    assert qkv.explain_dispatch(q.requires_grad_(), k, v).chosen == "reference"
+    assert fastpath.attend(q, k, v, None, None) is None
+    monkeypatch.undo()
+    fastpath.clear()
+
+
+def test_a_remembered_signature_still_rejects_mixed_dtypes_devices_and_non_tensors():
+    """The key holds q's dtype and device only: a later call that mixes them is told what is
+    wrong by the general path, and an unusual first call is not remembered for the rest."""
+    fastpath.clear()
+    q, k, v = decode_inputs(1, 4, 4, 8, 16, torch.float32)
+    with pytest.raises(TypeError, match="share one dtype"):  # first seen in error: not remembered
+        qkv.attention(q, k.double(), v)
+    assert fastpath.attend(q, k, v, None, None) is not None  # remembered now
+    with pytest.raises(TypeError, match="share one dtype"):
+        qkv.attention(q, k, v.double())
+    with pytest.raises(ValueError, match="one device"):
+        qkv.attention(q, k.to("meta"), v)
+    with pytest.raises(TypeError):
+        qkv.attention(q, k.tolist(), v)
+    fastpath.clear()
+
+
 def test_fast_path_leaves_bad_arguments_to_the_general_path():
     q, k, v = decode_inputs(1, 4, 4, 8, 16, torch.float32)
     with pytest.raises(TypeError, match="share one dtype"):

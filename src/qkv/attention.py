@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import fastpath
+from .fastpath import attend as _fast_attend
 from .backends import reference as _reference
 from .dispatch import choose
 from .problem import Problem, make_problem
@@ -47,7 +47,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, scale: float | None
     """
     if score_mod is None and generator is None and return_lse is False and q_offset is None \
             and type(k_offset) is int and k_offset == 0 and type(dropout_p) in _NUMBERS and dropout_p == 0:
-        out = fastpath.attend(q, k, v, mask, scale, backend)  # a decision remembered per problem signature
+        out = _fast_attend(q, k, v, mask, scale, backend)  # a decision remembered per problem signature
         if out is not None:
             return out
     problem = make_problem(q, k, v, mask, scale=scale, score_mod=score_mod, dropout_p=dropout_p,

@@ -8,13 +8,14 @@ nothing (one query) or that SDPA's ``is_causal`` expresses (a square problem), o
 ``(B|1, 1, 1, Nk)`` for one query (a decoding step over a fixed-size cache); no score modifier,
 no dropout, no log-sum-exp, no offsets, no forced backend -- are ones SDPA runs whenever the
 dispatcher picks it. For those, the dispatcher's choice is remembered per *signature*: batch,
-heads, head dims, ``Nq``, the mask's kind, dtype, device, grad mode, whether a scale was given,
-``backend`` (None, or ``"sdpa"`` forced), and ``Nk`` by its power-of-two bucket (a decoding
-step's ``Nk`` grows by one each step).
+heads, head dims, ``Nq``, the mask's kind, dtype, device, whether a scale was given, ``backend``
+(None, or ``"sdpa"`` forced), and ``Nk`` by its power-of-two bucket (a decoding step's ``Nk``
+grows by one each step).
 
 A signature is decided once, by running the dispatcher itself on the problem at hand and at both
-ends of its ``Nk`` bucket (the estimates are linear in ``Nk`` there); only if it picks ``sdpa``
-everywhere does the fast path take such calls, and then it runs exactly what
+ends of its ``Nk`` bucket (the estimates are linear in ``Nk`` there), each with and without
+gradients; only if it picks ``sdpa`` everywhere does the fast path take such calls (so a call
+need not read its grad mode: ~2 µs), and then it runs exactly what
 :class:`~qkv.backends.sdpa.SdpaBackend` runs for them (same kernel call, same guarantee that a
 row whose query holds NaN/inf is NaN). Anything else, and any argument the fast path does not
 recognise at a glance, goes the general way, which validates and raises as always; so
@@ -34,7 +35,7 @@ from .masks import Causal
 
 #: signature -> ``(is_causal, needs_nan_guard)`` if SDPA serves it, else None.
 _DECISIONS: dict[tuple, tuple[bool, bool] | None] = {}
-#: exact call signature (shapes, dtypes, devices, mask, grad, scale given, backend) -> a run plan
+#: exact call signature (shapes, q's dtype and device, mask, scale given, backend) -> a run plan
 #: ``(direct, is_causal, nan_guard, default_scale, enable_gqa)`` or None (the general path);
 #: ``direct``: call SDPA itself (no mask to guard, and a kernel that keeps the NaN promise).
 _PLANS: dict[tuple, tuple | None] = {}
@@ -45,6 +46,7 @@ _BARE = 2  # a plan's ``direct``: SDPA with its own defaults (F.scaled_dot_produ
 # Mask kinds in a signature.
 _NONE, _CAUSAL_DECODE, _CAUSAL_SQUARE, _KEY_MASK = 0, 1, 2, 3
 _CAUSAL = "causal"  # a qkv.causal() mask in an exact signature
+_sdpa = F.scaled_dot_product_attention  # bound once: a module attribute lookup per call is measurable here
 
 
 def clear() -> None:
@@ -59,8 +61,8 @@ def attend(q, k, v, mask, scale, backend=None) -> Tensor | None:
     can run the problem, as ``choose`` decides it). Called only without score modifier, dropout,
     generator, ``return_lse`` or offsets.
 
-    The exact signature of a call (every shape, dtype and device, the mask's kind or shape, grad
-    mode, whether a scale was given, ``backend``) is looked up first: a plan says what to run
+    The exact signature of a call (every shape, q's dtype and device, the mask's kind or shape,
+    whether a scale was given, ``backend``) is looked up first: a plan says what to run
     (checked once, when the signature was first seen). A new signature is checked and decided by
     its ``Nk`` bucket (see the module docstring)."""
     if mask is None:
@@ -71,41 +73,45 @@ def attend(q, k, v, mask, scale, backend=None) -> Tensor | None:
         mask_sig = (mask.shape, mask.dtype, mask.device)
     else:
         return None
-    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
-        return None
-    grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
-    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device, k.device, v.device, mask_sig, grad,
-           scale is None, backend)
-    plan = _PLANS.get(key, _UNSEEN)
-    if plan is _UNSEEN:
-        plan = _plan(key, q, k, v, mask, scale, backend, grad)
-    if plan is None:
-        return None
-    direct, is_causal, nan_guard, default_scale, gqa = plan
-    if scale is None:
-        if direct == _BARE:  # SDPA's defaults: scale 1/sqrt(D), no mask, no head groups
-            return F.scaled_dot_product_attention(q, k, v)
-        scale = default_scale
-    elif type(scale) is not float or not math.isfinite(scale):
-        return None  # the general path accepts ints and says what is wrong with the rest
-    if direct:  # what guarded_sdpa runs here: no mask to guard, a kernel that keeps the NaN promise
-        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
-    if mask_sig is not None and mask_sig is not _CAUSAL:  # a materialised mask, as SdpaBackend.run passes it
-        return guarded_sdpa(q, k, v, mask, is_causal=False, scale=scale)
-    return guarded_sdpa(q, k, v, None, is_causal=is_causal, scale=scale, nan_guard=nan_guard)
+    # Every tensor attribute read costs ~0.2-1.5 µs (the first after a kernel more), so the key
+    # holds only what a decision depends on: the shapes, q's dtype and device. A plan is made only
+    # for a signature first seen with plain tensors of one dtype and device (see _plan); a later
+    # call that mixes dtypes or devices makes SDPA raise, and one that passes no tensors fails on
+    # ``.shape``: both caught below, so the general path says what is wrong.
+    try:
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, mask_sig, scale is None, backend)
+        plan = _PLANS.get(key, _UNSEEN)
+        if plan is _UNSEEN:
+            plan = _plan(key, q, k, v, mask, scale, backend)
+        if plan is None:
+            return None
+        direct, is_causal, nan_guard, default_scale, gqa = plan
+        if scale is None:
+            if direct == _BARE:  # SDPA's defaults: scale 1/sqrt(D), no mask, no head groups
+                return _sdpa(q, k, v)
+            scale = default_scale
+        elif type(scale) is not float or not math.isfinite(scale):
+            return None  # the general path accepts ints and says what is wrong with the rest
+        if direct:  # what guarded_sdpa runs here: no mask to guard, a kernel that keeps the NaN promise
+            return _sdpa(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=gqa)
+        if mask_sig is not None and mask_sig is not _CAUSAL:  # a materialised mask, as SdpaBackend.run passes it
+            return guarded_sdpa(q, k, v, mask, is_causal=False, scale=scale)
+        return guarded_sdpa(q, k, v, None, is_causal=is_causal, scale=scale, nan_guard=nan_guard)
+    except (AttributeError, RuntimeError):
+        return None  # not tensors, mixed dtypes or devices (or the kernel's refusal): the general path explains
 
 
-def _plan(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale, backend, grad: bool) -> tuple | None:
+def _plan(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale, backend) -> tuple | None:
     """Check a new exact signature and decide it (by its ``Nk`` bucket); remember the plan."""
     plan = None
-    if backend is None or backend == "sdpa":
+    if (backend is None or backend == "sdpa") and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor:
         kind = _signature_kind(q, k, v, mask)
         if kind is not None:
             qs, ks, vs = q.shape, k.shape, v.shape
             nq, nk = qs[2], ks[2]
             mask_batch = mask.shape[0] if kind == _KEY_MASK else 0
             bucket = (qs[0], qs[1], ks[1], qs[3], ks[0], ks[3], vs[0], vs[1], vs[3], nq, nk.bit_length(), kind,
-                      mask_batch, q.dtype, q.device, grad, scale is None, backend)
+                      mask_batch, q.dtype, q.device, scale is None, backend)
             try:
                 decision = _DECISIONS[bucket]
             except KeyError:
@@ -117,6 +123,9 @@ def _plan(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale, backend, gra
                 if direct and not is_causal and not gqa:
                     direct = _BARE
                 plan = (direct, is_causal, nan_guard, 1.0 / math.sqrt(qs[3]), gqa)
+    if plan is None and (type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor
+                         or k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device):
+        return None  # not remembered: the key holds q's dtype and device only, and this call is unusual
     if len(_PLANS) >= MAX_SIGNATURES:
         _PLANS.clear()
     _PLANS[key] = plan
@@ -130,7 +139,7 @@ def _signature_kind(q: Tensor, k: Tensor, v: Tensor, mask) -> int | None:
         return None
     nq, nk = qs[2], ks[2]
     dtype, device = q.dtype, q.device
-    if k.dtype != dtype or v.dtype != dtype or k.device != device or v.device != device or vs[2] != nk:
+    if k.dtype != dtype or v.dtype != dtype or k.device != device or v.device != device or vs[:3] != ks[:3]:
         return None
     if mask is None:
         return _NONE
@@ -146,21 +155,26 @@ def _signature_kind(q: Tensor, k: Tensor, v: Tensor, mask) -> int | None:
 
 
 def _decide(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale) -> tuple[bool, bool] | None:
+    """Whether SDPA serves the signature bucket ``key``: the dispatcher picks it for this problem
+    and at both ends of its ``Nk`` bucket, with gradients and without (so grad mode need not be
+    read on every call), as ``(is_causal, needs_nan_guard)``; None if not."""
     from .dispatch import choose
     from .problem import make_problem
 
     decision = None
     nk, kind, backend = k.shape[2], key[11], key[-1]
+    ends = (nk,) if kind == _CAUSAL_SQUARE else (nk, 1 << (nk.bit_length() - 1), (1 << nk.bit_length()) - 1)
     try:
         if 0 not in (*q.shape, *k.shape, *v.shape) and q.device.type != "meta":
-            chosen = {choose(make_problem(q, k, v, mask, scale=scale), backend).chosen}
-            if kind != _CAUSAL_SQUARE:  # Nq fixed, Nk anywhere in its bucket
-                for end in (1 << (nk.bit_length() - 1), (1 << nk.bit_length()) - 1):
-                    shape = (k.shape[0], k.shape[1], end)
-                    k_end = _stand_in(k, (*shape, k.shape[3]))
-                    v_end = _stand_in(v, (*shape, v.shape[3]))
-                    mask_end = _stand_in(mask, (*mask.shape[:3], end)) if kind == _KEY_MASK else mask
-                    chosen.add(choose(make_problem(q, k_end, v_end, mask_end, scale=scale), backend).chosen)
+            chosen = set()
+            for grad in (False, True):
+                with torch.inference_mode(False), torch.set_grad_enabled(grad):
+                    q_in = _stand_in(q, q.shape, grad)
+                    for end in ends:  # Nq fixed, Nk anywhere in its bucket
+                        k_end = _stand_in(k, (*k.shape[:2], end, k.shape[3]), grad)
+                        v_end = _stand_in(v, (*v.shape[:2], end, v.shape[3]), grad)
+                        mask_end = _stand_in(mask, (*mask.shape[:3], end), False) if kind == _KEY_MASK else mask
+                        chosen.add(choose(make_problem(q_in, k_end, v_end, mask_end, scale=scale), backend).chosen)
             if chosen == {"sdpa"}:
                 decision = (kind == _CAUSAL_SQUARE, _needs_nan_guard(q, kind))
     except (TypeError, ValueError):
@@ -171,10 +185,10 @@ def _decide(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale) -> tuple[b
     return decision
 
 
-def _stand_in(t: Tensor, shape: tuple) -> Tensor:
-    """A tensor of ``shape`` like ``t`` (dtype, device, requires_grad) that allocates nothing."""
+def _stand_in(t: Tensor, shape: tuple, requires_grad: bool) -> Tensor:
+    """A tensor of ``shape`` like ``t`` (dtype, device) that allocates nothing."""
     stand_in = torch.ones((), dtype=t.dtype, device=t.device)
-    return (stand_in.requires_grad_(t.requires_grad) if t.is_floating_point() else stand_in).expand(shape)
+    return (stand_in.requires_grad_(requires_grad) if t.is_floating_point() else stand_in).expand(shape)
 
 
 def _needs_nan_guard(q: Tensor, kind: int) -> bool:
