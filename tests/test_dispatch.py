@@ -100,3 +100,58 @@ def test_dispatch_returns_the_backend_object_and_capabilities_give_the_reasons()
         "return_lse: SDPA's public API does not return the log-sum-exp",
         "dropout_p > 0: SDPA draws its own dropout mask, which `generator` cannot reproduce and which "
         "differs from the other backends'"]
+
+
+def _count_estimates(monkeypatch):
+    asked = []
+    for name, backend in REGISTRY.items():
+        original = backend.estimate
+        monkeypatch.setattr(backend, "estimate", lambda p, _o=original, _n=name: asked.append(_n) or _o(p))
+    return asked
+
+
+def test_a_running_call_remembers_its_choice_on_the_mask_object(monkeypatch):
+    """qkv.attention's calls with one mask object and one signature estimate once; the choice is
+    the one explain_dispatch computes afresh, and a changed table, shape or reset estimates again."""
+    from qkv import fastpath
+
+    fastpath.clear()
+    monkeypatch.setattr(REGISTRY["flex"], "compile_pending", lambda p: False)  # no ski rental in play
+    asked = _count_estimates(monkeypatch)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 40, 16, generator=g) for _ in range(3))
+    ids = torch.tensor([0] * 13 + [1] * 27)
+    mask = qkv.document(ids)
+    first = qkv.attention(q, k, v, mask)
+    estimated = len(asked)
+    assert estimated > 0
+    assert torch.equal(qkv.attention(q, k, v, mask), first) and len(asked) == estimated  # remembered
+    d = qkv.explain_dispatch(q, k, v, mask)
+    assert len(asked) == 2 * estimated  # explain estimates afresh ...
+    assert choose(make_problem(q, k, v, mask), learn=True).chosen == d.chosen  # ... and agrees
+    ids[20:] = 2  # a table changed in place is a different mask
+    qkv.attention(q, k, v, mask)
+    assert len(asked) == 3 * estimated
+    qkv.attention(q[:, :, :30], k, v, mask)  # another shape
+    assert len(asked) == 4 * estimated
+    fastpath.clear()  # after the cost model changed
+    qkv.attention(q, k, v, mask)
+    assert len(asked) == 5 * estimated
+    counts = []
+    for _ in range(2):  # with a score modifier: never remembered
+        before = len(asked)
+        qkv.attention(q, k, v, mask, score_mod=qkv.scores.softcap(5.0))
+        counts.append(len(asked) - before)
+    assert counts[0] == counts[1] > 0
+
+
+def test_a_choice_is_not_remembered_while_a_compile_is_pending(monkeypatch):
+    """flex's ski rental learns from every automatic choice until its compile has paid off."""
+    monkeypatch.setattr(REGISTRY["flex"], "compile_pending", lambda p: True)
+    asked = _count_estimates(monkeypatch)
+    q = torch.randn(1, 2, 40, 16)
+    mask = qkv.sliding_window(8)
+    qkv.attention(q, q, q, mask)
+    once = len(asked)
+    qkv.attention(q, q, q, mask)
+    assert len(asked) == 2 * once

@@ -4,14 +4,28 @@ Every registered backend lists what it cannot do for a problem (from its declare
 :class:`~qkv.backends.capabilities.Capabilities`); among those that can, the one with the lowest
 estimated run time wins. ``backend="name"`` forces a choice: only that backend is checked (and
 estimated), and it fails with that backend's reasons. :func:`explain_dispatch` shows the decision.
+
+A call that runs (``learn=True``, from :func:`qkv.attention`) with a mask object remembers the
+automatic choice on that object, as the block layouts are (:func:`qkv.layout.cached_layout`):
+keyed by the shapes, dtype, device, grad mode, log-sum-exp, scale, positions, thread count and the
+state of the mask's tensors, and only once no backend has a compile pending for it (flex's ski
+rental still learns until then). Estimating every backend costs ~0.3 ms of Python on a CPU; a
+model's layers and steps ask the same question again and again. :func:`explain_dispatch` always
+estimates afresh, so it shows what the remembered choice was made of.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from .backends import REGISTRY, Backend
+from .layout import CACHE_SIZE, tensor_state
 from .problem import Problem, make_problem
+
+#: Bumped by :func:`forget_choices`: choices remembered before are not used again.
+_EPOCH = [0]
 
 
 @dataclass(frozen=True)
@@ -83,13 +97,50 @@ def choose(problem: Problem, backend: str | None = None, learn: bool = False) ->
             raise ValueError(f"backend={backend!r} cannot run this problem: " + "; ".join(own)
                              + f". Backends that can: {', '.join(able)}")
         return Dispatch(backend, True, {name: None for name in REGISTRY}, {backend: []}, problem, REGISTRY[backend])
+    memo, key = _choices(problem) if learn else (None, None)
+    if memo is not None and key in memo:
+        chosen, estimates, reasons = memo[key]
+        return Dispatch(chosen, False, estimates, reasons, problem, REGISTRY[chosen])
     reasons = {name: b.unsupported(problem) for name, b in REGISTRY.items()}
     estimates = {name: (None if reasons[name] else REGISTRY[name].estimate(problem)) for name in REGISTRY}
     chosen = min((n for n in REGISTRY if estimates[n] is not None), key=lambda n: estimates[n])
     for b in REGISTRY.values() if learn else ():  # backends that learn from choices (flex's ski rental)
         if hasattr(b, "observe"):
             b.observe(problem, estimates, chosen)
+    if memo is not None and not any(estimates[name] is not None and b.compile_pending(problem)
+                                     for name, b in REGISTRY.items() if hasattr(b, "compile_pending")):
+        while len(memo) >= CACHE_SIZE:
+            memo.pop(next(iter(memo)))
+        memo[key] = (chosen, estimates, reasons)
     return Dispatch(chosen, False, estimates, reasons, problem, REGISTRY[chosen])
+
+
+def forget_choices() -> None:
+    """Do not use the automatic choices remembered so far (after registering a backend or changing
+    the cost model; :func:`qkv.fastpath.clear` calls this)."""
+    _EPOCH[0] += 1
+
+
+def _choices(p: Problem) -> tuple[dict | None, tuple | None]:
+    """The choices remembered on ``p``'s mask object and ``p``'s key there, or ``(None, None)``
+    where a choice is not remembered: no mask object, a score modifier, bias or dropout (their
+    tensors and functions would all need keys), or positions held on a device."""
+    owner = p.mask_source
+    if owner is None or p.score_mod is not None or p.bias is not None or p.dropout_p:
+        return None, None
+    where = p.positions.cache_key()
+    if where is None:
+        return None, None
+    memo = getattr(owner, "_qkv_choices", None)
+    if memo is None:
+        memo = {}
+        try:
+            object.__setattr__(owner, "_qkv_choices", memo)
+        except (AttributeError, TypeError):
+            return None, None
+    key = (p.q.shape, p.k.shape, p.v.shape, p.dtype, p.device, p.requires_grad, p.return_lse, p.scale, where,
+           torch.get_num_threads(), _EPOCH[0], tensor_state(owner))
+    return memo, key
 
 
 def explain_dispatch(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.0, generator=None,

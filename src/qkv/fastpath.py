@@ -50,9 +50,13 @@ _sdpa = F.scaled_dot_product_attention  # bound once: a module attribute lookup 
 
 
 def clear() -> None:
-    """Forget every remembered decision (after registering a backend or changing the cost model)."""
+    """Forget every remembered decision (after registering a backend or changing the cost model),
+    the dispatcher's remembered choices too."""
+    from .dispatch import forget_choices
+
     _DECISIONS.clear()
     _PLANS.clear()
+    forget_choices()
 
 
 def attend(q, k, v, mask, scale, backend=None) -> Tensor | None:

@@ -195,23 +195,23 @@ class BlockLayout:
 CACHE_SIZE = 8
 
 
-def _tensor_state(obj, depth: int = 0) -> tuple:
+def tensor_state(obj, depth: int = 0) -> tuple:
     """Identity and version of every tensor a mask holds (its tables): a table changed in place
     is a different mask."""
     state = []
     for name, value in vars(obj).items() if hasattr(obj, "__dict__") else ():
-        if name == "_qkv_layouts":
+        if name in ("_qkv_layouts", "_qkv_choices"):
             continue
         if isinstance(value, Tensor):
             state.append((id(value), value._version))
         elif depth < 4 and hasattr(value, "__dict__") and not callable(value):
-            state.extend(_tensor_state(value, depth + 1))
+            state.extend(tensor_state(value, depth + 1))
         elif depth < 4 and isinstance(value, (tuple, list)):
             for item in value:
                 if isinstance(item, Tensor):
                     state.append((id(item), item._version))
                 elif hasattr(item, "__dict__"):
-                    state.extend(_tensor_state(item, depth + 1))
+                    state.extend(tensor_state(item, depth + 1))
     return tuple(state)
 
 
@@ -220,7 +220,7 @@ def cached_layout(owner, key: tuple, build) -> BlockLayout:
     on a miss. ``key`` holds the shapes, tile sizes, positions and device; the state of the
     owner's tensors is added, so that a table changed in place is never served stale. An owner
     that cannot hold attributes is not cached."""
-    full_key = (*key, _tensor_state(owner))
+    full_key = (*key, tensor_state(owner))
     cache = getattr(owner, "_qkv_layouts", None)
     if cache is None:
         cache = {}
@@ -237,4 +237,4 @@ def cached_layout(owner, key: tuple, build) -> BlockLayout:
     return layout
 
 
-__all__ = ["TileKind", "BlockLayout", "KvBlocks", "plan_runs", "merge_kinds", "cached_layout"]
+__all__ = ["TileKind", "BlockLayout", "KvBlocks", "plan_runs", "merge_kinds", "cached_layout", "tensor_state"]

@@ -46,6 +46,8 @@ class Problem:
     positions: Positions | None = None
     mask_source: Mask | None = field(default=None, repr=False)  # the user's mask object (layout cache)
     _layouts: dict = field(default_factory=dict, repr=False)
+    #: values a backend derives from this call and asks for more than once (flex's signature)
+    memo: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.positions is None:

@@ -322,8 +322,16 @@ def _mask_key(mask) -> tuple:
 
 def signature(problem: Problem) -> tuple:
     """What the compiled function is specialised on (dtypes, head dims, grouping, autograd, lse,
-    scale, the mask's and score modifier's structure), but not on sizes or mask values."""
+    scale, the mask's and score modifier's structure), but not on sizes or mask values. Computed
+    once per problem (the dispatcher asks several times)."""
     p = problem
+    sig = p.memo.get("flex_signature")
+    if sig is None:
+        sig = p.memo["flex_signature"] = _signature(p)
+    return sig
+
+
+def _signature(p: Problem) -> tuple:
     mod = p.score_mod
     return (p.device.type, p.dtype, p.head_dim, p.v_dim, p.group > 1, p.requires_grad, p.return_lse, p.scale,
             _mask_key(p.mask), None if mod is None else (_code_key(mod.fn), tuple(t.requires_grad for t in mod.tensors)),

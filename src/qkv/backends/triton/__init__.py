@@ -11,6 +11,7 @@ small in-kernel programs with runtime parameters, score modifiers and dropout in
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 
 import torch
@@ -31,7 +32,10 @@ _SCORE, _SCORE_PER_DIM, _PARTIAL_SCORE, _LAUNCH, _BACKWARD = 2.4e-13, 2.4e-15, 1
 _BYTES_PER_SECOND = 2.5e12  # reading K and V once (decode is bandwidth-bound)
 
 
+@functools.cache
 def triton_available() -> bool:
+    """Is Triton installed? Looked up once (a search of the import path costs ~0.1 ms, and the
+    dispatcher asks on every call)."""
     return importlib.util.find_spec("triton") is not None
 
 
