@@ -1,6 +1,8 @@
 """Finite-difference gradient checks in float64 on small shapes (torch.autograd.gradcheck), for
 the tiled backend's hand-written backward: q, k, v, the log-sum-exp output, an additive float
-mask, and the learnable tensors of score modifiers."""
+mask, and the learnable tensors of score modifiers. The first tile shape checks the whole Jacobian,
+the second with gradcheck's fast mode (the Jacobian projected on random vectors on both sides: a
+wrong gradient shows there too, in a third of the time)."""
 
 import pytest
 import torch
@@ -44,7 +46,7 @@ def test_gradcheck_q_k_v_and_lse(backend, mask):
     def f(q, k, v):
         return finite_lse(*qkv.attention(q, k, v, mask, return_lse=True, backend=backend))
 
-    assert torch.autograd.gradcheck(f, (q, k, v))
+    assert torch.autograd.gradcheck(f, (q, k, v), fast_mode=backend != BACKENDS[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -52,7 +54,8 @@ def test_gradcheck_q_k_v_and_lse(backend, mask):
 def test_gradcheck_additive_mask(backend, bias_shape):
     q, k, v = qkv_inputs()
     bias = rand(*bias_shape, seed=4)
-    assert torch.autograd.gradcheck(lambda q, k, v, b: qkv.attention(q, k, v, b, backend=backend), (q, k, v, bias))
+    assert torch.autograd.gradcheck(lambda q, k, v, b: qkv.attention(q, k, v, b, backend=backend), (q, k, v, bias),
+                                    fast_mode=backend != BACKENDS[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -65,7 +68,7 @@ def test_gradcheck_score_mod_tensors(backend):
         mod = scores.chain(scores.relative_bias(table), scores.alibi(slopes), scores.softcap(3.0))
         return qkv.attention(q, k, v, qkv.causal(), score_mod=mod, backend=backend)
 
-    assert torch.autograd.gradcheck(f, (q, k, v, table, slopes))
+    assert torch.autograd.gradcheck(f, (q, k, v, table, slopes), fast_mode=backend != BACKENDS[0])
 
 
 def test_gradcheck_reference_oracle():
