@@ -155,3 +155,34 @@ def test_a_choice_is_not_remembered_while_a_compile_is_pending(monkeypatch):
     once = len(asked)
     qkv.attention(q, q, q, mask)
     assert len(asked) == 2 * once
+
+
+def test_registering_a_backend_forgets_remembered_decisions(monkeypatch):
+    """A backend registered after calls were decided is considered from the next call on, by the
+    fast path and by the choices remembered on mask objects alike."""
+    from qkv import backends
+    from qkv.backends.reference import ReferenceBackend
+
+    class Cheapest(ReferenceBackend):
+        name = "cheapest"
+
+        def estimate(self, problem):
+            return 0.0
+
+    q = torch.randn(1, 2, 1, 16)
+    k = torch.randn(1, 2, 30, 16)
+    mask = qkv.sliding_window(8)
+    monkeypatch.setattr(REGISTRY["flex"], "compile_pending", lambda p: False)
+    for _ in range(2):
+        qkv.attention(q, k, k), qkv.attention(q, k, k, mask)  # decided and remembered
+    ran = []
+    cheapest = Cheapest()
+    monkeypatch.setattr(cheapest, "run", lambda p: ran.append(p) or ReferenceBackend.run(cheapest, p))
+    try:
+        backends.register(cheapest)
+        qkv.attention(q, k, k)
+        qkv.attention(q, k, k, mask)
+        assert len(ran) == 2
+    finally:
+        REGISTRY.pop("cheapest")
+        backends.register(REGISTRY["reference"])  # forget again: decisions made with "cheapest"

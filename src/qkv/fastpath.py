@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .backends import ON_REGISTER
 from .backends.sdpa import guarded_sdpa
 from .masks import Causal
 
@@ -57,6 +58,9 @@ def clear() -> None:
     _DECISIONS.clear()
     _PLANS.clear()
     forget_choices()
+
+
+ON_REGISTER.append(clear)  # a newly registered backend is considered from the next call on
 
 
 def attend(q, k, v, mask, scale, backend=None) -> Tensor | None:
