@@ -85,7 +85,8 @@ def attend(q, k, v, mask, scale, backend=None) -> Tensor | None:
     # holds only what a decision depends on: the shapes, q's dtype and device. A plan is made only
     # for a signature first seen with plain tensors of one dtype and device (see _plan); a later
     # call that mixes dtypes or devices makes SDPA raise, and one that passes no tensors fails on
-    # ``.shape``: both caught below, so the general path says what is wrong.
+    # ``.shape``: both caught below, so the general path says what is wrong. (A tensor subclass
+    # that arrives with a known key goes to SDPA as it is: its __torch_function__ sees that call.)
     try:
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, mask_sig, scale is None, backend)
         plan = _PLANS.get(key, _UNSEEN)
