@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import REGISTRY, Backend
-from .layout import CACHE_SIZE, tensor_state
+from .layout import keep, owner_cache, tensor_state
 from .problem import Problem, make_problem
 
 #: Bumped by :func:`forget_choices`: choices remembered before are not used again.
@@ -109,9 +109,7 @@ def choose(problem: Problem, backend: str | None = None, learn: bool = False) ->
             b.observe(problem, estimates, chosen)
     if memo is not None and not any(estimates[name] is not None and b.compile_pending(problem)
                                      for name, b in REGISTRY.items() if hasattr(b, "compile_pending")):
-        while len(memo) >= CACHE_SIZE:
-            memo.pop(next(iter(memo)))
-        memo[key] = (chosen, estimates, reasons)
+        keep(memo, key, (chosen, estimates, reasons))
     return Dispatch(chosen, False, estimates, reasons, problem, REGISTRY[chosen])
 
 
@@ -131,13 +129,9 @@ def _choices(p: Problem) -> tuple[dict | None, tuple | None]:
     where = p.positions.cache_key()
     if where is None:
         return None, None
-    memo = getattr(owner, "_qkv_choices", None)
+    memo = owner_cache(owner, "_qkv_choices")
     if memo is None:
-        memo = {}
-        try:
-            object.__setattr__(owner, "_qkv_choices", memo)
-        except (AttributeError, TypeError):
-            return None, None
+        return None, None
     key = (p.q.shape, p.k.shape, p.v.shape, p.dtype, p.device, p.requires_grad, p.return_lse, p.scale, where,
            torch.get_num_threads(), _EPOCH[0], tensor_state(owner))
     return memo, key

@@ -191,8 +191,10 @@ class BlockLayout:
 # The cache on the user's mask object
 # --------------------------------------------------------------------------------------------
 
-#: Layouts kept per mask object (the most recent shapes).
+#: Entries kept per mask object and cache (the most recent shapes).
 CACHE_SIZE = 8
+#: The caches qkv keeps on a user's mask object: block layouts, and the dispatcher's choices.
+OWNER_CACHES = ("_qkv_layouts", "_qkv_choices")
 
 
 def tensor_state(obj, depth: int = 0) -> tuple:
@@ -200,7 +202,7 @@ def tensor_state(obj, depth: int = 0) -> tuple:
     is a different mask."""
     state = []
     for name, value in vars(obj).items() if hasattr(obj, "__dict__") else ():
-        if name in ("_qkv_layouts", "_qkv_choices"):
+        if name in OWNER_CACHES:
             continue
         if isinstance(value, Tensor):
             state.append((id(value), value._version))
@@ -215,26 +217,43 @@ def tensor_state(obj, depth: int = 0) -> tuple:
     return tuple(state)
 
 
+def owner_cache(owner, name: str) -> dict | None:
+    """The cache ``name`` (one of :data:`OWNER_CACHES`) kept on ``owner``, the user's mask object,
+    made on first use; None for an owner that cannot hold attributes (nothing is cached then)."""
+    cache = getattr(owner, name, None)
+    if cache is None:
+        cache = {}
+        try:
+            object.__setattr__(owner, name, cache)
+        except (AttributeError, TypeError):
+            return None
+    return cache
+
+
+def keep(cache: dict, key, value) -> None:
+    """Store ``value`` under ``key`` as the most recent entry of an owner cache, dropping the
+    oldest beyond :data:`CACHE_SIZE`."""
+    cache.pop(key, None)
+    while len(cache) >= CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+
+
 def cached_layout(owner, key: tuple, build) -> BlockLayout:
     """The layout for ``key`` cached on ``owner`` (the user's mask object), built by ``build()``
     on a miss. ``key`` holds the shapes, tile sizes, positions and device; the state of the
     owner's tensors is added, so that a table changed in place is never served stale. An owner
     that cannot hold attributes is not cached."""
-    full_key = (*key, tensor_state(owner))
-    cache = getattr(owner, "_qkv_layouts", None)
+    cache = owner_cache(owner, "_qkv_layouts")
     if cache is None:
-        cache = {}
-        try:
-            object.__setattr__(owner, "_qkv_layouts", cache)
-        except (AttributeError, TypeError):
-            return build()
-    layout = cache.pop(full_key, None)
+        return build()
+    full_key = (*key, tensor_state(owner))
+    layout = cache.get(full_key)
     if layout is None:
         layout = build()
-        while len(cache) >= CACHE_SIZE:
-            cache.pop(next(iter(cache)))
-    cache[full_key] = layout  # most recent last
+    keep(cache, full_key, layout)  # most recent last
     return layout
 
 
-__all__ = ["TileKind", "BlockLayout", "KvBlocks", "plan_runs", "merge_kinds", "cached_layout", "tensor_state"]
+__all__ = ["TileKind", "BlockLayout", "KvBlocks", "plan_runs", "merge_kinds", "cached_layout", "tensor_state",
+           "owner_cache", "keep", "OWNER_CACHES", "CACHE_SIZE"]
