@@ -244,7 +244,7 @@ def test_compiled_cpu_step_reads_the_filled_slots_with_one_graph():
     out = model.generate(prompts, 12, temperature=0, compile={"backend": counter})
     assert torch.equal(out, model.generate(prompts, 12, temperature=0)) and counter.frame_count == 1
     step, _ = next(iter(model._compiled_decode_steps.values()))
-    assert step.capacity == 5 + 12  # one slot of headroom: no step reads the whole buffer
+    assert step.capacity == 64  # 16 tokens, rounded up: headroom, so no step reads the whole buffer
     lengths = torch.tensor([2, 5])
     ragged = model.generate(prompts, 12, temperature=0, lengths=lengths, compile={"backend": counter})
     assert torch.equal(ragged, model.generate(prompts, 12, temperature=0, lengths=lengths))
@@ -252,6 +252,40 @@ def test_compiled_cpu_step_reads_the_filled_slots_with_one_graph():
     exact = KVCache(batch_size=2, capacity=5 + 12 - 1, **model.cache_spec())
     assert torch.equal(model.generate(prompts, 12, temperature=0, cache=exact, compile={"backend": counter}), out)
     assert exact.lengths.tolist() == [16, 16]
+
+
+def test_compiled_generation_of_other_lengths_reuses_the_compiled_step():
+    """Other prompt and generation lengths fit the cache of the first call (a size bucket; on the
+    CPU a larger cache serves shorter generations): no new compile, and the eager tokens."""
+    from torch._dynamo.testing import CompileCounter
+
+    from tests.test_generate import make_model as confident_model
+
+    model = confident_model()
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    for prompt_len, new in ((5, 40), (5, 12), (9, 3), (2, 30)):
+        prompts = torch.randint(0, 23, (2, prompt_len))
+        out = model.generate(prompts, new, temperature=0, compile={"backend": counter})
+        assert torch.equal(out, model.generate(prompts, new, temperature=0)), (prompt_len, new)
+    assert counter.frame_count == 1 and model._compiled_decode_cache.capacity == 64
+    learned = Decoder(vocab_size=23, dim=16, num_layers=2, num_heads=2, positional="learned", max_positions=20).eval()
+    prompts = torch.randint(0, 23, (2, 5))
+    for new in (15, 16):  # 19 and 20 tokens: a cache of the whole table (the last step of 20 runs eagerly)
+        out = learned.generate(prompts, new, temperature=0, compile={"backend": "eager"})
+        assert torch.equal(out, learned.generate(prompts, new, temperature=0))
+        assert learned._compiled_decode_cache.capacity == 20
+
+
+def test_cache_bucket_sizes():
+    from qkv.nn.generation import cache_bucket
+
+    assert [cache_bucket(n) for n in (1, 63, 64, 200, 1023, 1024, 5000)] == [64, 64, 128, 256, 1024, 2048, 5120]
+    assert cache_bucket(70, limit=100) == 100  # a learned position table of 100: never beyond it
+    assert cache_bucket(100, limit=100) == 100  # no room for headroom: exactly what is needed
+    for n in range(1, 3000, 7):
+        size = cache_bucket(n)
+        assert n + 1 <= size <= max(64, 2 * (n + 1), n + 1 + 1024), n
 
 
 def test_decode_step_called_directly_equals_a_model_step():

@@ -10,6 +10,7 @@ from torch import Tensor
 from ..cache import CacheFullError, KVCache
 from .compiled import DecodeStep, check_compilable
 from .fused import fused_projections
+from .positional import LearnedPositionalEmbedding
 from ..cache.base import token_counts
 
 
@@ -132,6 +133,32 @@ def cpu_inductor_options() -> dict:
     return {key: value for key, value in CPU_INDUCTOR_OPTIONS.items() if hasattr(config, key)}
 
 
+#: Cache sizes of compiled decoding: powers of two up to this, then multiples of it.
+CACHE_GRANULE = 1024
+
+
+def cache_bucket(capacity: int, limit: int | None = None) -> int:
+    """The size of the cache a compiled decode step gets for ``capacity`` tokens: at least one slot
+    more (on the CPU a step over the whole buffer would compile a second graph), rounded up to a
+    power of two (at least 64) below :data:`CACHE_GRANULE` and to a multiple of it above, so that
+    a few sizes (a few compiled graphs) serve every length. A CPU step reads only the filled
+    slots, so the headroom costs memory only; a CUDA step reads every slot (one shape per CUDA
+    graph), at most twice what the generation needs, or ``CACHE_GRANULE`` more. ``limit``: the
+    most positions the model has (a learned position table), which the size never exceeds; where
+    even the one slot of headroom does not fit, the cache holds exactly ``capacity``."""
+    needed = capacity + 1
+    granule = min(max(64, 1 << (needed - 1).bit_length()), CACHE_GRANULE)
+    size = -(-needed // granule) * granule
+    if limit is not None:
+        size = max(min(size, limit), min(needed, limit), capacity)
+    return size
+
+
+def _position_limit(model) -> int | None:
+    emb = model.position_embedding
+    return emb.max_positions if isinstance(emb, LearnedPositionalEmbedding) else None
+
+
 class _CompiledSteps:
     """Decoding steps through a compiled :class:`~qkv.nn.compiled.DecodeStep` (compiled once per
     model, cache shape and options; kept on the model, and refreshed from the model's weights for
@@ -171,14 +198,16 @@ class _CompiledSteps:
 
     @staticmethod
     def reusable_cache(model, batch: int, capacity: int) -> KVCache:
-        """An empty cache of this size, the same object as last time when the size repeats, so that
-        the step compiled for it serves again (kept on the model). It has one slot more than
-        asked for: a step then never reads the whole buffer (on the CPU, a step over all of it would
-        compile a second graph)."""
+        """An empty cache for ``capacity`` tokens, the same object as last time when its size
+        repeats, so that the step compiled for it serves again (kept on the model). Its size is
+        :func:`cache_bucket`'s: one size serves many prompt and generation lengths, so a new length
+        does not compile a new step. On the CPU, where a step reads only the filled slots, a
+        larger cache than that serves as well, and is kept."""
+        size = cache_bucket(capacity, _position_limit(model))
         cache = model.__dict__.get("_compiled_decode_cache")
-        if cache is None or cache.batch_size != batch or cache.capacity != capacity + 1 \
-                or cache.layout() != model.cache_layout():
-            cache = model.__dict__["_compiled_decode_cache"] = KVCache(batch_size=batch, capacity=capacity + 1,
+        fits = cache is not None and (cache.capacity == size or cache.device.type == "cpu" and cache.capacity > size)
+        if not fits or cache.batch_size != batch or cache.layout() != model.cache_layout():
+            cache = model.__dict__["_compiled_decode_cache"] = KVCache(batch_size=batch, capacity=size,
                                                                        **model.cache_spec())
         cache.reset()
         return cache

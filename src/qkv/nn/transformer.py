@@ -364,10 +364,11 @@ class Decoder(nn.Module):
             compile: decode with a fixed-shape step compiled by ``torch.compile(fullgraph=True)``
                 (:mod:`qkv.nn.compiled`; on CUDA with ``mode="reduce-overhead"``, CUDA graphs); a
                 dict instead of True is passed to ``torch.compile`` as options. Needs a
-                :class:`~qkv.cache.KVCache` (the default; reused across calls of the same size so
-                the compiled step is too), RoPE/learned/sinusoidal/no positions, no sinks, no
-                cross-attention. The first call of a size compiles (seconds); the prefill and the
-                first step run eagerly.
+                :class:`~qkv.cache.KVCache` (the default: one kept on the model, its size rounded
+                up so that other prompt and generation lengths reuse it and the compiled step),
+                RoPE/learned/sinusoidal/no positions, no sinks, no cross-attention. The first call
+                of a batch size or cache size compiles (seconds); the prefill and the first step
+                run eagerly.
 
         Returns:
             ``(B, T)`` int64 new token ids, ``T <= max_new_tokens`` (fewer if all rows hit ``eos``).
