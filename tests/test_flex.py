@@ -197,6 +197,23 @@ def test_compiled_flex_on_cpu_matches_and_does_not_recompile():
     assert counts[1] == counts[0] and counts[2] == counts[0], counts
 
 
+def test_compiled_flex_on_cpu_compiles_a_score_modifier_that_reads_a_float():
+    """A soft cap reads a float: dynamo made it a symbol, which torch 2.13's CPU template cannot
+    lower ("unbacked_bindings"), and qkv fell back to tiled. Floats are now constants of the
+    kernel (they are part of the kind anyway); sizes stay dynamic: one compile for two lengths."""
+    g = torch.Generator().manual_seed(1)
+    mod = qkv.scores.softcap(5.0)
+    counts = []
+    for n in (200, 333):
+        q, k, v = (torch.randn(2, 4, n, 32, generator=g) for _ in range(3))
+        got = qkv.attention(q, k, v, qkv.causal(), score_mod=mod, backend="flex")
+        want = qkv.attention(q.double(), k.double(), v.double(), qkv.causal(), score_mod=mod, backend="reference")
+        close(got, want, 2e-5, f"compiled N={n}")
+        counts.append(flex.compile_count())
+    assert not flex._FAILED, flex._FAILED
+    assert counts[1] == counts[0], counts
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_flex_gradients_including_score_mod_tensors(dtype):

@@ -185,7 +185,10 @@ def relative_bias(table: Tensor) -> ScoreMod:
     per_head = table.dim() == 2
 
     def rel_bias(score, b, h, q, k, table):
-        index = (k - q).clamp(-max_distance, max_distance) + max_distance
+        # M from the table's own size, not a captured int: dynamo may make that a symbol, and
+        # torch 2.13's CPU Flex template cannot lower -M of a symbol (docs/attention.md, flex)
+        m = table.shape[-1] // 2
+        index = (k - q).clamp(-m, m) + m
         bias = table[h, index] if per_head else table[index]
         return score + bias.to(score.dtype)
 

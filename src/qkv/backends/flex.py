@@ -271,6 +271,16 @@ _CREDIT: dict[tuple, float] = {}
 _FAILED: dict[tuple, str] = {}
 
 
+def _specialised():
+    """Dynamo's settings for a compiled Flex call: the floats a mask or score modifier reads are
+    constants of the kernel (as its tables' sizes are: :meth:`FlexBackend.run` marks them static).
+    Both are part of a problem's kind already (:func:`signature` keys floats by value), so this
+    costs no recompiles; and torch 2.13's CPU Flex template cannot lower a float or a table size
+    it is handed as a symbol (softcap failed with "unbacked_bindings", a per-head relative bias
+    with a C++ compile error), while the kernels for tensor sizes stay dynamic."""
+    return torch._dynamo.config.patch(specialize_float=True)
+
+
 def _compiled_for(sig: tuple):
     fn = _COMPILED.get(sig)
     if fn is None:
@@ -525,13 +535,17 @@ class FlexBackend:
                 torch._dynamo.maybe_mark_dynamic(t, 2)
             if p.bias is not None:
                 _dynamic(p.bias)
+            if p.score_mod is not None:  # a modifier's tables keep their sizes (see _specialised)
+                for t in p.score_mod.tensors:
+                    torch._dynamo.mark_static(t)
         args = (p.q, p.k, p.v, score_mod(p, inputs.score_offsets), inputs.block_mask, p.scale, p.group > 1,
                 p.return_lse)
         if sig in _READY:  # compiled before: Flex's warnings were given (and silenced) at tracing
-            out, lse = call(*args)
+            with _specialised():
+                out, lse = call(*args)
             return out, (None if lse is None else lse.to(p.compute_dtype))
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _specialised():
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")
                 warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
                 out, lse = call(*args)

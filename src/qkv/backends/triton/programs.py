@@ -265,7 +265,8 @@ def score_program(mod: ScoreMod | None) -> ScoreProgram | str:
             if prog.rel:
                 return "score_mod chains two relative biases (at most one in-kernel)"
             prog.rel = REL_PER_HEAD if env["per_head"] else REL_SHARED
-            prog.pos_rel, prog.table_index, prog.max_distance = step, tensor_index, int(env["max_distance"])
+            max_distance = part.tensors[0].shape[-1] // 2  # the table is (H|, 2M + 1)
+            prog.pos_rel, prog.table_index, prog.max_distance = step, tensor_index, max_distance
         tensor_index += len(part.tensors)
     return prog
 
