@@ -210,6 +210,19 @@ def profile_steps(model: Decoder, twin: PlainDecoder, vocab: int, prompt_len: in
     return {"qkv": op_counts(qkv_step, steps), "plain": op_counts(plain_step, steps)}
 
 
+_FLOOR_PLANS: dict = {}
+
+
+def python_floor(q, k, v, mask=None, *, scale=None, backend=None):
+    """The least a Python-level dispatcher can do before running SDPA: one call with qkv's
+    signature, and one dict lookup keyed by the shapes, dtype and device (what ``qkv.attention``'s
+    fast path does, without its checks). Its overhead over SDPA is the floor for qkv's."""
+    plan = _FLOOR_PLANS.get((q.shape, k.shape, v.shape, q.dtype, q.device, mask, scale, backend))
+    if plan is None:
+        _FLOOR_PLANS[(q.shape, k.shape, v.shape, q.dtype, q.device, mask, scale, backend)] = True
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def attention_overhead(rounds: int, calls: int = 200, block: int = 10) -> list[dict]:
     """Per-call time of ``qkv.attention`` minus ``F.scaled_dot_product_attention`` on decode-step
     problems (one query over ``Nk`` cached keys): at least 15 rounds of ``calls`` calls of each
@@ -225,7 +238,8 @@ def attention_overhead(rounds: int, calls: int = 200, block: int = 10) -> list[d
         k, v = torch.randn(2, batch, heads, nk, dim, generator=g)
         contenders = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v),
                       "qkv": lambda: qkv.attention(q, k, v),
-                      "qkv_causal": lambda: qkv.attention(q, k, v, qkv.causal())}
+                      "qkv_causal": lambda: qkv.attention(q, k, v, qkv.causal()),
+                      "floor": lambda: python_floor(q, k, v)}
         names = list(contenders)
         for fn in contenders.values():  # warm-up: the fast path decides each signature once
             for _ in range(block):
@@ -249,6 +263,7 @@ def attention_overhead(rounds: int, calls: int = 200, block: int = 10) -> list[d
         rows.append({"B": batch, "H": heads, "Nq": 1, "Nk": nk, "D": dim, "dtype": "float32",
                      "sdpa_us": statistics.median(times["sdpa"]) * 1e6,
                      "qkv_overhead_us": overhead_us("qkv"), "qkv_causal_overhead_us": overhead_us("qkv_causal"),
+                     "python_floor_overhead_us": overhead_us("floor"),
                      "dispatch": qkv.explain_dispatch(q, k, v).chosen})
     return rows
 
@@ -311,7 +326,8 @@ def twin_main(args) -> int:
     result["attention_overhead"] = attention_overhead(args.rounds)
     for r in result["attention_overhead"]:
         print(f"attention B={r['B']} H={r['H']} Nk={r['Nk']} D={r['D']}: sdpa {r['sdpa_us']:.1f} us, qkv +"
-              f"{r['qkv_overhead_us']:.1f} us, qkv causal +{r['qkv_causal_overhead_us']:.1f} us", flush=True)
+              f"{r['qkv_overhead_us']:.1f} us, qkv causal +{r['qkv_causal_overhead_us']:.1f} us, "
+              f"python floor +{r['python_floor_overhead_us']:.1f} us", flush=True)
     result["device"]["load_average"] = os.getloadavg()  # at the end
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

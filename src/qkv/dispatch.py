@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backends import REGISTRY, Backend
-from .layout import keep, owner_cache, tensor_state
+from .layout import keep, owner_cache
 from .problem import Problem, make_problem
 
 #: Bumped by :func:`forget_choices`: choices remembered before are not used again.
@@ -133,7 +133,7 @@ def _choices(p: Problem) -> tuple[dict | None, tuple | None]:
     if memo is None:
         return None, None
     key = (p.q.shape, p.k.shape, p.v.shape, p.dtype, p.device, p.requires_grad, p.return_lse, p.scale, where,
-           torch.get_num_threads(), _EPOCH[0], tensor_state(owner))
+           torch.get_num_threads(), _EPOCH[0], p.mask_state())
     return memo, key
 
 

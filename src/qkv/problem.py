@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import dropout as _dropout
-from .layout import BlockLayout, cached_layout
+from .layout import BlockLayout, cached_layout, tensor_state
 from .masks import Mask, TileGrid, bind_mask, from_tensor
 from .positions import Offset, Positions
 from .scores import ScoreMod, as_score_mod
@@ -146,7 +146,15 @@ class Problem:
         if self.mask_source is None or where is None:
             return build()
         key = ("layout", self.batch, self.q_heads, block_q, block_k, where, str(self.index_device))
-        return cached_layout(self.mask_source, key, build)
+        return cached_layout(self.mask_source, key, build, state=self.mask_state())
+
+    def mask_state(self) -> tuple:
+        """:func:`qkv.layout.tensor_state` of the mask object, read once per call (the dispatcher's
+        remembered choice and the block layouts both key on it)."""
+        state = self.memo.get("mask_state")
+        if state is None:
+            state = self.memo["mask_state"] = tensor_state(self.mask_source)
+        return state
 
     def block_kinds(self, block_q: int, block_k: int) -> Tensor:
         """``(nQB, nKB)`` tile kinds merged over batch and heads, on the CPU:
