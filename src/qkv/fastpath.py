@@ -37,12 +37,12 @@ from .masks import Causal
 #: signature -> ``(is_causal, needs_nan_guard)`` if SDPA serves it, else None.
 _DECISIONS: dict[tuple, tuple[bool, bool] | None] = {}
 #: exact call signature (shapes, q's dtype and device, mask, scale given, backend) -> a run plan
-#: ``(direct, is_causal, nan_guard, default_scale, enable_gqa)`` or None (the general path);
+#: ``(direct, is_causal, nan_guard, default_scale, enable_gqa)``, :data:`_DEFAULTS`, or None (the general path);
 #: ``direct``: call SDPA itself (no mask to guard, and a kernel that keeps the NaN promise).
 _PLANS: dict[tuple, tuple | None] = {}
 MAX_SIGNATURES = 4096
 _UNSEEN = object()
-_BARE = 2  # a plan's ``direct``: SDPA with its own defaults (F.scaled_dot_product_attention(q, k, v))
+_DEFAULTS = object()  # a plan: SDPA with its own defaults, F.scaled_dot_product_attention(q, k, v)
 
 # Mask kinds in a signature.
 _NONE, _CAUSAL_DECODE, _CAUSAL_SQUARE, _KEY_MASK = 0, 1, 2, 3
@@ -90,14 +90,16 @@ def attend(q, k, v, mask, scale, backend=None) -> Tensor | None:
     try:
         key = (q.shape, k.shape, v.shape, q.dtype, q.device, mask_sig, scale is None, backend)
         plan = _PLANS.get(key, _UNSEEN)
+        if plan is _DEFAULTS:  # the commonest plan, first
+            return _sdpa(q, k, v)
         if plan is _UNSEEN:
             plan = _plan(key, q, k, v, mask, scale, backend)
+            if plan is _DEFAULTS:
+                return _sdpa(q, k, v)
         if plan is None:
             return None
         direct, is_causal, nan_guard, default_scale, gqa = plan
         if scale is None:
-            if direct == _BARE:  # SDPA's defaults: scale 1/sqrt(D), no mask, no head groups
-                return _sdpa(q, k, v)
             scale = default_scale
         elif type(scale) is not float or not math.isfinite(scale):
             return None  # the general path accepts ints and says what is wrong with the rest
@@ -129,9 +131,9 @@ def _plan(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale, backend) -> 
                 is_causal, nan_guard = decision
                 gqa = ks[1] != qs[1]
                 direct = kind != _KEY_MASK and not nan_guard and q.device.type != "cuda"
-                if direct and not is_causal and not gqa:
-                    direct = _BARE
                 plan = (direct, is_causal, nan_guard, 1.0 / math.sqrt(qs[3]), gqa)
+                if direct and not is_causal and not gqa and scale is None:
+                    plan = _DEFAULTS
     if plan is None and (type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor
                          or k.dtype != q.dtype or v.dtype != q.dtype or k.device != q.device or v.device != q.device):
         return None  # not remembered: the key holds q's dtype and device only, and this call is unusual
