@@ -14,7 +14,7 @@ from qkv import fastpath
 from qkv.backends import REGISTRY
 from qkv.cache import KVCache, PagedKVCache, StreamingKVCache, set_debug
 from qkv.nn import Decoder, RotaryEmbedding
-from qkv.nn.compiled import DecodeStep
+from qkv.nn.compiled import DecodeStep, StaticCacheLayer
 from qkv.nn.fused import fused_projections
 from qkv.problem import make_problem
 from tests.decoders import TOL, make_model
@@ -307,6 +307,31 @@ def test_decode_step_called_directly_equals_a_model_step():
             got = step(tokens, lengths)
         expected = model(tokens, eager)
     torch.testing.assert_close(got, expected, **TOL)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cpu_step_attention_by_reductions_matches_the_reference(dtype):
+    """The compiled CPU step's one-query attention (two reductions, not SDPA): grouped heads, a
+    key mask, a NaN query giving a NaN row; float64 to the reference's rounding, lower precisions
+    within twice the error of SDPA in the same dtype."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 6, 1, 16, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 3, 2, 40, 16, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([40, 7, 23])
+    mask = (torch.arange(40) < lengths[:, None])[:, None, None, :]
+    q[2, 5, 0, 3] = float("nan")
+    want = qkv.attention(q, k, v, mask, backend="reference")
+    got = StaticCacheLayer._one_query(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert torch.isnan(got[2, 5]).all() and not torch.isnan(got[:2]).any() and not torch.isnan(got[2, :5]).any()
+    finite = torch.isfinite(want)
+    err = (got.double() - want)[finite].abs().max()
+    if dtype == torch.float64:
+        assert err < 1e-12, err
+    else:
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
+                                                                enable_gqa=True)
+        assert err <= 2 * (sdpa.double() - want)[finite].abs().max() + 1e-6, err
 
 
 def test_compile_refuses_what_the_fixed_shape_step_cannot_serve():
