@@ -23,6 +23,7 @@ and ``qkv.attention``'s overhead over ``F.scaled_dot_product_attention`` on deco
 
     python benchmarks/decode_speed.py twin            # writes benchmarks/results/decode_twin.json
     python benchmarks/decode_speed.py twin --rounds 3 --new-tokens 64   # quick look
+    python benchmarks/decode_speed.py twin --device cuda --batches 1 16  # GPU: eager and CUDA-graph tokens/s
 """
 
 from __future__ import annotations
@@ -131,12 +132,16 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def environment() -> dict:
+def environment(device: str = "cpu") -> dict:
+    info = {"type": "cpu", "name": cpu_name(), "logical_cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+            "load_average_at_start": os.getloadavg()}
+    if torch.device(device).type == "cuda":
+        info = {**info, "type": "cuda", "name": torch.cuda.get_device_name(device), "host_cpu": cpu_name(),
+                "cuda": torch.version.cuda}
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": {"type": "cpu", "name": cpu_name(), "logical_cores": os.cpu_count(),
-                   "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-                   "load_average_at_start": os.getloadavg()},
+        "device": info,
         "versions": {"qkv": qkv.__version__, "torch": torch.__version__, "python": sys.version.split()[0],
                      "platform": platform.platform()},
     }
@@ -271,30 +276,40 @@ def attention_overhead(rounds: int, calls: int = 200, block: int = 10) -> list[d
 def twin_main(args) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
     config = dict(vocab_size=args.vocab, dim=args.dim, num_layers=args.layers, num_heads=args.heads)
-    model = Decoder(**config).eval()
-    twin = PlainDecoder.from_qkv(model)
+    model = Decoder(**config).eval().to(device)
+    twin = PlainDecoder.from_qkv(model).to(device)
     can_compile = "compile" in Decoder.generate.__code__.co_varnames and not args.no_compile
-    result = {"benchmark": "decode_twin", **environment(),
+    clock = "wall time, torch.cuda.synchronize() after each call" if on_cuda else \
+        "the CPU time of the one thread that runs everything (time.thread_time; wall times in all_wall_s)"
+    result = {"benchmark": "decode_twin", **environment(args.device),
               "model": {**config, "mlp_dim": 4 * args.dim, "positional": "rope", "activation": "swiglu",
                         "norm": "rmsnorm", "dtype": "float32"},
               "method": (f"greedy generate, {args.prompt}-token prompt + {args.new_tokens} new tokens (prefill "
                          f"included), {args.rounds} interleaved rounds in one process (order rotated each "
-                         "round), medians of the CPU time of the one thread that runs everything "
-                         "(time.thread_time; wall times in all_wall_s); tokens/s = batch * new tokens / "
-                         "median time; speed ratios > 1 mean faster than the plain twin. The CPU is shared "
-                         "with other work: compare the ratios, not the absolute rates, across runs. The "
+                         f"round), medians of {clock}; tokens/s = batch * new tokens / "
+                         "median time; speed ratios > 1 mean faster than the plain twin. The machine may be "
+                         "shared with other work: compare the ratios, not the absolute rates, across runs. The "
                          "compiled step is compiled before timing (first_call_s: the first call of each, "
-                         "compiling included)"),
+                         "compiling included)" + ("; on CUDA the compiled step replays a CUDA graph "
+                                                  "(mode='reduce-overhead')" if on_cuda else "")),
               "generate": []}
+
+    def finished(fn):  # a call's time includes its kernels: wait for the device
+        return (lambda: (fn(), torch.cuda.synchronize(device))[0]) if on_cuda else fn
+
     for batch in args.batches:
         prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
+        prompt = prompt.to(device)
         contenders = {
-            "plain": lambda: twin.generate(prompt, args.new_tokens),
-            "qkv": lambda: model.generate(prompt, args.new_tokens, temperature=0),
+            "plain": finished(lambda: twin.generate(prompt, args.new_tokens)),
+            "qkv": finished(lambda: model.generate(prompt, args.new_tokens, temperature=0)),
         }
         if can_compile:
-            contenders["qkv_compiled"] = lambda: model.generate(prompt, args.new_tokens, temperature=0, compile=True)
+            contenders["qkv_compiled"] = finished(
+                lambda: model.generate(prompt, args.new_tokens, temperature=0, compile=True))
         outputs, first_call_s = {}, {}
         for name, fn in contenders.items():  # also compiles
             start = time.perf_counter()
@@ -310,7 +325,8 @@ def twin_main(args) -> int:
                 wall[name].append(time.perf_counter() - start)
             return run
 
-        times = interleaved({name: timed(name, fn) for name, fn in contenders.items()}, args.rounds)
+        times = interleaved({name: timed(name, fn) for name, fn in contenders.items()}, args.rounds,
+                            clock=time.perf_counter if on_cuda else time.thread_time)
         summary = summarize_times(times, "plain", batch * args.new_tokens)
         for name in summary:
             summary[name]["all_wall_s"] = wall[name][1:]  # without the warm-up run
@@ -319,21 +335,25 @@ def twin_main(args) -> int:
         line = ", ".join(f"{name} {s['rate']:7.1f} tok/s ({s['speed_vs_plain']:.2f}x, rounds "
                          f"{s['median_round_ratio_vs_plain']:.2f}x)" for name, s in summary.items())
         print(f"batch {batch}: {line}; same tokens: {same}", flush=True)
-    result["op_counts"] = profile_steps(model, twin, args.vocab, args.prompt)
-    for name, c in result["op_counts"].items():
-        print(f"{name}: {c['aten_ops_per_step']:.0f} aten ops per decode step "
-              f"({c['top_level_aten_ops_per_step']:.0f} top-level)", flush=True)
-    result["attention_overhead"] = attention_overhead(args.rounds)
-    for r in result["attention_overhead"]:
+    if on_cuda:  # the op counts and the overhead microbenchmark are CPU measurements
+        result["op_counts"] = result["attention_overhead"] = "not run on CUDA"
+    else:
+        result["op_counts"] = profile_steps(model, twin, args.vocab, args.prompt)
+        for name, c in result["op_counts"].items():
+            print(f"{name}: {c['aten_ops_per_step']:.0f} aten ops per decode step "
+                  f"({c['top_level_aten_ops_per_step']:.0f} top-level)", flush=True)
+        result["attention_overhead"] = attention_overhead(args.rounds)
+    for r in [] if on_cuda else result["attention_overhead"]:
         print(f"attention B={r['B']} H={r['H']} Nk={r['Nk']} D={r['D']}: sdpa {r['sdpa_us']:.1f} us, qkv +"
               f"{r['qkv_overhead_us']:.1f} us, qkv causal +{r['qkv_causal_overhead_us']:.1f} us, "
               f"python floor +{r['python_floor_overhead_us']:.1f} us", flush=True)
     result["device"]["load_average"] = os.getloadavg()  # at the end
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    out = args.out or RESULTS / ("decode_twin_cuda.json" if on_cuda else "decode_twin.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print()
     print(twin_table(result))
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
 
 
@@ -365,7 +385,9 @@ def twin_parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled decode step")
-    parser.add_argument("--out", type=Path, default=RESULTS / "decode_twin.json")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (issue 14's GPU run: --batches 1 16)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: benchmarks/results/decode_twin.json (decode_twin_cuda.json on CUDA)")
     return parser
 
 
