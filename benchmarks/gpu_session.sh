@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One device call for a GPU session (the lease is ~15 min, a call at most 10): the checks and
+# figures issues 11, 12 and 14 still wait for, most important first, each under its own time
+# limit so that the call ends by ~560 s whatever happens. Everything lands under $OUT:
+#   tests.log            the GPU tests (CUDA-only tests that skip on a CPU)
+#   gpu_flex.json/.log   issue 11: qkv's flex backend against FlexAttention called directly
+#   decode_twin_cuda.*   issue 14: eager and CUDA-graph tokens/s at batch 1 and 16
+#   gpu_attention.*      issue 12: the Triton kernels against SDPA and Flex (what time is left;
+#                        a second call: python3 benchmarks/gpu_attention.py --budget-s 450)
+# Run from the repository root:  bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:-out/gpu_session}
+mkdir -p "$OUT"
+export PYTHONPATH=src PYTHONUNBUFFERED=1 OUT
+start=$(date +%s)
+left() { echo $((560 - ($(date +%s) - start))); }
+step() {  # step NAME SECONDS COMMAND...: run with a limit (never past the call's end), log to $OUT/NAME.log
+  local name=$1 limit=$2; shift 2
+  local budget; budget=$(left)
+  [ "$limit" -gt "$budget" ] && limit=$budget
+  if [ "$limit" -le 10 ]; then echo "== $name: no time left" | tee -a "$OUT/summary.txt"; return; fi
+  echo "== $name (limit ${limit}s)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: exit $? after $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
+}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
+python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+  >> "$OUT/gpu.txt" 2>&1
+
+step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_gpu.py tests/test_triton.py \
+  tests/test_flex.py tests/test_decode_fast.py tests/test_promises.py tests/test_cache_common.py \
+  tests/test_layout.py tests/test_positions.py
+step gpu_flex 240 env CHECK_S=220 python3 benchmarks/gpu_flex.py
+step decode_twin_cuda 150 python3 benchmarks/decode_speed.py twin --device cuda --batches 1 16 --rounds 3 \
+  --out "$OUT/decode_twin_cuda.json"
+step gpu_attention 200 python3 benchmarks/gpu_attention.py --budget-s 170
+
+tail -n 3 "$OUT/tests.log"
+cat "$OUT/summary.txt"
