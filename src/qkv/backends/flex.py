@@ -272,15 +272,17 @@ _CREDIT: dict[tuple, float] = {}
 _FAILED: dict[tuple, str] = {}
 
 
-def _specialised(device: torch.device):
-    """Dynamo's settings for a compiled Flex call on the CPU: the floats a mask or score modifier
+def _specialised(problem: Problem):
+    """Dynamo's settings for a compiled Flex call on the CPU with a score modifier: the floats it
     reads are constants of the kernel. They are part of a problem's kind already (:func:`signature`
     keys floats by value), so this costs no recompiles, and torch 2.13's CPU Flex template cannot
     lower a float it is handed as a symbol (every softcap failed with "unbacked_bindings"). Set
-    for every call, not just the first, so that a recompile of the kind is made the same way;
-    ~25-45 µs a call on the 2-core CPU, against >= 1.3 ms for the call. CUDA (Triton) is left as
-    it was."""
-    return torch._dynamo.config.patch(specialize_float=True) if device.type == "cpu" else contextlib.nullcontext()
+    for every call of such a kind, not just the first, so that a recompile is made the same way;
+    it costs ~25-45 µs a call on the 2-core CPU (>= 1.3 ms a call), so calls without a modifier,
+    and CUDA (Triton), go as they did."""
+    if problem.device.type == "cpu" and problem.score_mod is not None:
+        return torch._dynamo.config.patch(specialize_float=True)
+    return contextlib.nullcontext()
 
 
 def _compiled_for(sig: tuple):
@@ -543,11 +545,11 @@ class FlexBackend:
         args = (p.q, p.k, p.v, score_mod(p, inputs.score_offsets), inputs.block_mask, p.scale, p.group > 1,
                 p.return_lse)
         if sig in _READY:  # compiled before: Flex's warnings were given (and silenced) at tracing
-            with _specialised(p.device):
+            with _specialised(p):
                 out, lse = call(*args)
             return out, (None if lse is None else lse.to(p.compute_dtype))
         try:
-            with warnings.catch_warnings(), _specialised(p.device):
+            with warnings.catch_warnings(), _specialised(p):
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")
                 warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
                 out, lse = call(*args)
