@@ -133,7 +133,7 @@ def _choices(p: Problem) -> tuple[dict | None, tuple | None]:
     if memo is None:
         return None, None
     key = (p.q.shape, p.k.shape, p.v.shape, p.dtype, p.device, p.requires_grad, p.return_lse, p.scale, where,
-           torch.get_num_threads(), _EPOCH[0], p.mask_state())
+           torch.get_num_threads(), _EPOCH[0], p.mask_state)
     return memo, key
 
 

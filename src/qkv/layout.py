@@ -239,16 +239,15 @@ def keep(cache: dict, key, value) -> None:
     cache[key] = value
 
 
-def cached_layout(owner, key: tuple, build, state: tuple | None = None) -> BlockLayout:
+def cached_layout(owner, key: tuple, build, state: tuple) -> BlockLayout:
     """The layout for ``key`` cached on ``owner`` (the user's mask object), built by ``build()``
-    on a miss. ``key`` holds the shapes, tile sizes, positions and device; the state of the
-    owner's tensors (``state``, :func:`tensor_state` of ``owner`` if not given) is added, so that
-    a table changed in place is never served stale. An owner that cannot hold attributes is not
-    cached."""
+    on a miss. ``key`` holds the shapes, tile sizes, positions and device; ``state``, the
+    owner's :func:`tensor_state`, is added, so that a table changed in place is never served
+    stale. An owner that cannot hold attributes is not cached."""
     cache = owner_cache(owner, "_qkv_layouts")
     if cache is None:
         return build()
-    full_key = (*key, tensor_state(owner) if state is None else state)
+    full_key = (*key, state)
     layout = cache.get(full_key)
     if layout is None:
         layout = build()

@@ -45,8 +45,8 @@ class Problem:
     return_lse: bool = False
     positions: Positions | None = None
     mask_source: Mask | None = field(default=None, repr=False)  # the user's mask object (layout cache)
-    _layouts: dict = field(default_factory=dict, repr=False)
-    #: values a backend derives from this call and asks for more than once (flex's signature)
+    #: values derived from this call and asked for more than once (its block layouts per tile
+    #: size, flex's signature)
     memo: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -124,14 +124,14 @@ class Problem:
         """The mask's :class:`~qkv.layout.BlockLayout` for ``(block_q x block_k)`` tiles (all FULL
         without a mask). Kept per tile size for this call, and cached on the user's mask object
         across calls with the same shapes, positions and device (a model's layers share it)."""
-        key = (block_q, block_k)
-        if key not in self._layouts:
+        key = ("layout", block_q, block_k)
+        if key not in self.memo:
             if self.mask is None:
                 layout = BlockLayout.full(block_q, block_k, self.nq, self.nk, self.index_device)
             else:
                 layout = self._mask_layout(block_q, block_k)
-            self._layouts[key] = layout
-        return self._layouts[key]
+            self.memo[key] = layout
+        return self.memo[key]
 
     def _mask_layout(self, block_q: int, block_k: int) -> BlockLayout:
         grid = TileGrid(self.nq, self.nk, block_q, block_k, self.index_device, self.positions)
@@ -146,15 +146,13 @@ class Problem:
         if self.mask_source is None or where is None:
             return build()
         key = ("layout", self.batch, self.q_heads, block_q, block_k, where, str(self.index_device))
-        return cached_layout(self.mask_source, key, build, state=self.mask_state())
+        return cached_layout(self.mask_source, key, build, self.mask_state)
 
+    @cached_property
     def mask_state(self) -> tuple:
         """:func:`qkv.layout.tensor_state` of the mask object, read once per call (the dispatcher's
         remembered choice and the block layouts both key on it)."""
-        state = self.memo.get("mask_state")
-        if state is None:
-            state = self.memo["mask_state"] = tensor_state(self.mask_source)
-        return state
+        return tensor_state(self.mask_source)
 
     def block_kinds(self, block_q: int, block_k: int) -> Tensor:
         """``(nQB, nKB)`` tile kinds merged over batch and heads, on the CPU:

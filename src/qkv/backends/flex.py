@@ -272,17 +272,20 @@ _CREDIT: dict[tuple, float] = {}
 _FAILED: dict[tuple, str] = {}
 
 
-def _specialised(problem: Problem):
-    """Dynamo's settings for a compiled Flex call on the CPU with a score modifier: the floats it
-    reads are constants of the kernel. They are part of a problem's kind already (:func:`signature`
-    keys floats by value), so this costs no recompiles, and torch 2.13's CPU Flex template cannot
-    lower a float it is handed as a symbol (every softcap failed with "unbacked_bindings"). Set
-    for every call of such a kind, not just the first, so that a recompile is made the same way;
-    it costs ~25-45 µs a call on the 2-core CPU (>= 1.3 ms a call), so calls without a modifier,
-    and CUDA (Triton), go as they did."""
-    if problem.device.type == "cpu" and problem.score_mod is not None:
-        return torch._dynamo.config.patch(specialize_float=True)
-    return contextlib.nullcontext()
+def _specialise(problem: Problem):
+    """Dynamo's settings for a compiled Flex call, as a context to run it in. On the CPU with a
+    score modifier, the modifier's tables are marked static and the floats it reads become
+    constants of the kernel: torch 2.13's CPU Flex template cannot lower a float it is handed as a
+    symbol (every softcap failed with "unbacked_bindings"), nor some table sizes. Floats are part
+    of a problem's kind already (:func:`signature` keys them by value), so this costs no
+    recompiles; it is set for every call of such a kind, not just the first, so that a recompile
+    is made the same way. It costs ~25-45 µs a call on the 2-core CPU (>= 1.3 ms a call), so
+    calls without a modifier, and CUDA (Triton), go without it (docs/attention.md)."""
+    if problem.device.type != "cpu" or problem.score_mod is None:
+        return contextlib.nullcontext()
+    for t in problem.score_mod.tensors:
+        torch._dynamo.mark_static(t)
+    return torch._dynamo.config.patch(specialize_float=True)
 
 
 def _compiled_for(sig: tuple):
@@ -533,23 +536,21 @@ class FlexBackend:
             return TiledBackend().run(p)
         sig = signature(p) if self.compiled else None
         call = _compiled_for(sig) if self.compiled else _call_flex
+        settings = _specialise(p) if self.compiled else contextlib.nullcontext()
         if self.compiled:  # sizes vary between calls: no specialisation (0/1 are special anyway)
             for t in (p.q, p.k, p.v):
                 torch._dynamo.maybe_mark_dynamic(t, 0)
                 torch._dynamo.maybe_mark_dynamic(t, 2)
             if p.bias is not None:
                 _dynamic(p.bias)
-            if p.score_mod is not None and p.device.type == "cpu":  # tables keep their sizes (docs/attention.md)
-                for t in p.score_mod.tensors:
-                    torch._dynamo.mark_static(t)
         args = (p.q, p.k, p.v, score_mod(p, inputs.score_offsets), inputs.block_mask, p.scale, p.group > 1,
                 p.return_lse)
         if sig in _READY:  # compiled before: Flex's warnings were given (and silenced) at tracing
-            with _specialised(p):
+            with settings:
                 out, lse = call(*args)
             return out, (None if lse is None else lse.to(p.compute_dtype))
         try:
-            with warnings.catch_warnings(), _specialised(p):
+            with warnings.catch_warnings(), settings:
                 warnings.filterwarnings("ignore", message=".*flex_attention.*")
                 warnings.filterwarnings("ignore", message=".*return_lse is deprecated.*")
                 out, lse = call(*args)

@@ -205,7 +205,7 @@ class _CompiledSteps:
         larger cache than that serves as well, and is kept."""
         size = cache_bucket(capacity, _position_limit(model))
         cache = model.__dict__.get("_compiled_decode_cache")
-        fits = cache is not None and (cache.capacity == size or cache.device.type == "cpu" and cache.capacity > size)
+        fits = cache is not None and (cache.capacity == size or (cache.device.type == "cpu" and cache.capacity > size))
         if not fits or cache.batch_size != batch or cache.layout() != model.cache_layout():
             cache = model.__dict__["_compiled_decode_cache"] = KVCache(batch_size=batch, capacity=size,
                                                                        **model.cache_spec())
