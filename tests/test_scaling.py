@@ -31,6 +31,10 @@ def test_crossover_interpolates_and_extrapolates():
     assert scaling.crossover(dense, linear, extrapolate_to=5_000) is None
     cheap = {n: 1e-6 * n for n in ns}
     assert scaling.crossover(cheap, dense, extrapolate_to=10 ** 9) is None  # dense never catches up
+    # lines that barely converge meet far beyond any length (a CI run's timings: exp() overflowed)
+    a = {64: 0.000898264999989351, 128: 0.0010417850000123963}
+    b = {64: 0.005560771999995495, 128: 0.005720651000018506, 256: 0.007469224000004715}
+    assert scaling.crossover(a, b, extrapolate_to=4096) is None
 
 
 def test_a_sweep_measures_time_and_memory_and_summarises():

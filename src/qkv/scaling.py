@@ -262,10 +262,10 @@ def crossover(a: dict[int, float], b: dict[int, float], *, extrapolate_to: int |
         return None
     n_last = common[-1]
     gap = ratio[-1]  # log(b / a) at the last common length, closing at (sa - sb) per unit log N
-    n = n_last * math.exp(gap / (sa - sb))
-    if n > extrapolate_to:
+    log_n = math.log(n_last) + gap / (sa - sb)  # in logs: lines that barely converge meet far out
+    if log_n > math.log(extrapolate_to):
         return None
-    return {"n": int(round(n)), "extrapolated": True}
+    return {"n": int(round(math.exp(log_n))), "extrapolated": True}
 
 
 def _worker(argv: list[str]) -> int:
