@@ -214,6 +214,63 @@ def test_compiled_flex_on_cpu_compiles_a_score_modifier_that_reads_a_float():
     assert counts[1] == counts[0], counts
 
 
+#: Run in a fresh process with an empty inductor cache, so that what compiles is the same every time
+#: (the template's naming bug depended on the symbols handed out before) and nothing is a cache hit.
+_FRESH_PROCESS_MODIFIERS = """
+import warnings, torch, qkv
+from qkv.backends import flex
+warnings.simplefilter("error", RuntimeWarning)  # a fallback to tiled warns: fail on it
+g = torch.Generator().manual_seed(2)
+kinds = [(None, qkv.scores.alibi(4)), (qkv.causal(), qkv.scores.relative_bias(torch.randn(4, 33, generator=g)))]
+for mask, mod in kinds:
+    counts = []
+    for n in (300, 333):
+        q, k, v = (torch.randn(2, 4, n, 32, generator=g) for _ in range(3))
+        got = qkv.attention(q, k, v, mask, score_mod=mod, backend="flex")
+        want = qkv.attention(q.double(), k.double(), v.double(), mask, score_mod=mod, backend="reference")
+        err = (got.double() - want).abs().max().item()
+        assert err < 2e-5, (mod.name, n, err)
+        counts.append(flex.compile_count())
+    assert counts[0] == counts[1], (mod.name, counts)
+assert not flex._FAILED, flex._FAILED
+print("compiled", flex.compile_count())
+"""
+
+
+def test_compiled_flex_on_cpu_names_the_tile_sizes_of_its_template(tmp_path):
+    """torch's CPU Flex template turned ``ks1`` into ``cur_qSplitSize`` by text replacement, so a
+    captured size named ``ks15`` became ``cur_qSplitSize5``: C++ that does not compile, and ALiBi
+    alone fell back to tiled in a fresh process (so did relative_bias). qkv's compiles name the tile
+    sizes directly (``qkv.backends.flex_cpu_fix``); both compile, once for two lengths, and match."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_MODIFIERS], capture_output=True, text=True,
+                            env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "compiled 2", result.stdout
+
+
+def test_the_template_fix_leaves_torch_as_it_was():
+    """The fix is in place only inside the context (qkv's own compiled CPU calls), and nests."""
+    from qkv.backends.flex_cpu_fix import _template_parts, fixed_cpu_template
+
+    parts = _template_parts()
+    if parts is None:
+        pytest.skip("this torch has no C++ Flex template")
+    template, cpp = parts
+    before, group = template.modification, cpp.KernelGroup
+    with fixed_cpu_template():
+        fixed = template.modification
+        assert fixed is not before and fixed.qkv_fix
+        with fixed_cpu_template():
+            assert template.modification is fixed
+        assert template.modification is fixed
+    assert template.modification is before and cpp.KernelGroup is group
+
+
 @cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_flex_gradients_including_score_mod_tensors(dtype):

@@ -61,6 +61,10 @@ def test_plain_callables_are_accepted():
     (lambda: scores.relative_bias(torch.ones(3, dtype=torch.long)), "floating tensor"),
     (lambda: scores.chain(), "one or more"),
     (lambda: scores.as_score_mod(3), "score_mod must be"),
+    (lambda: scores.ScoreMod(lambda s, b, h, q, k: s, work=-1), "work must be a finite number >= 0"),
+    (lambda: scores.ScoreMod(lambda s, b, h, q, k: s, work=float("inf")), "work must be a finite number >= 0"),
+    (lambda: scores.ScoreMod(lambda s, b, h, q, k: s, work="4"), "work must be a finite number >= 0"),
+    (lambda: scores.ScoreMod(lambda s, b, h, q, k: s, work=True), "work must be a finite number >= 0"),
 ])
 def test_bad_score_mod_arguments(make, message):
     with pytest.raises((TypeError, ValueError), match=message):
@@ -73,3 +77,12 @@ def test_per_head_tables_must_match_heads():
         qkv.attention(q, q, q, score_mod=scores.alibi(8))
     with pytest.raises(ValueError, match="relative_bias: table has 2 entries"):
         qkv.attention(q, q, q, score_mod=scores.relative_bias(torch.zeros(2, 5)))
+
+
+def test_modifiers_state_their_work_and_a_chain_adds_it_up():
+    """``work`` (elementwise operations per score) is what the cost models charge a modifier."""
+    alibi, cap = scores.alibi(4), scores.softcap(5.0)
+    assert (alibi.work, scores.alibi(4, symmetric=True).work, cap.work) == (4.0, 6.0, 5.0)
+    assert scores.relative_bias(torch.randn(4, 9)).work == 6.0
+    assert scores.chain(alibi, cap).work == 9.0
+    assert scores.as_score_mod(lambda s, b, h, q, k: s).work == 4.0  # a user function: the default

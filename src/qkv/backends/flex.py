@@ -38,6 +38,7 @@ from ..positions import Positions
 from ..problem import Problem
 from ..scores import ScoreMod
 from . import costs
+from .flex_cpu_fix import fixed_cpu_template
 
 #: Flex's tile: the BlockMask's ``BLOCK_SIZE`` (its default), and the tiles of qkv's block view.
 BLOCK = 128
@@ -273,19 +274,29 @@ _FAILED: dict[tuple, str] = {}
 
 
 def _specialise(problem: Problem):
-    """Dynamo's settings for a compiled Flex call, as a context to run it in. On the CPU with a
-    score modifier, the modifier's tables are marked static and the floats it reads become
-    constants of the kernel: torch 2.13's CPU Flex template cannot lower a float it is handed as a
-    symbol (every softcap failed with "unbacked_bindings"), nor some table sizes. Floats are part
-    of a problem's kind already (:func:`signature` keys them by value), so this costs no
-    recompiles; it is set for every call of such a kind, not just the first, so that a recompile
-    is made the same way. It costs ~25-45 µs a call on the 2-core CPU (>= 1.3 ms a call), so
-    calls without a modifier, and CUDA (Triton), go without it (docs/attention.md)."""
-    if problem.device.type != "cpu" or problem.score_mod is None:
+    """Settings for a compiled Flex call, as a context to run it in. On the CPU, torch's C++
+    template gets :mod:`~qkv.backends.flex_cpu_fix`'s naming fix (for every kind: any captured
+    tensor of dynamic size can trip it). With a score modifier there, too, the modifier's tables
+    are marked static and the floats it reads become constants of the kernel: torch 2.13's CPU
+    Flex template cannot lower a float it is handed as a symbol (every softcap failed with
+    "unbacked_bindings"), nor some table sizes. Floats are part of a problem's kind already
+    (:func:`signature` keys them by value), so this costs no recompiles; it is set for every call
+    of such a kind, not just the first, so that a recompile is made the same way. The float
+    setting costs ~25-45 µs a call on the 2-core CPU (>= 1.3 ms a call), so calls without a
+    modifier go without it; CUDA (Triton) needs none of this (docs/attention.md)."""
+    if problem.device.type != "cpu":
         return contextlib.nullcontext()
-    for t in problem.score_mod.tensors:
+    if problem.score_mod is None:
+        return fixed_cpu_template()
+    return _specialised_modifier(problem.score_mod)
+
+
+@contextlib.contextmanager
+def _specialised_modifier(mod: ScoreMod):
+    for t in mod.tensors:
         torch._dynamo.mark_static(t)
-    return torch._dynamo.config.patch(specialize_float=True)
+    with fixed_cpu_template(), torch._dynamo.config.patch(specialize_float=True):
+        yield
 
 
 def _compiled_for(sig: tuple):
@@ -364,7 +375,8 @@ def _signature(p: Problem) -> tuple:
 class Rates:
     """Seconds per visited score (fixed part, and per unit of ``D + Dv``), extra per score of a
     partial tile (the mask evaluated: a fixed part and one per unit of the mask's
-    :attr:`~qkv.masks.Mask.work`), per call (Python, the kernel's set-up), the backward/forward
+    :attr:`~qkv.masks.Mask.work`), extra per visited score per unit of the score modifier's
+    :attr:`~qkv.scores.ScoreMod.work`, per call (Python, the kernel's set-up), the backward/forward
     ratio, the unfused path's seconds per score, and one compilation (forward; with backward).
     CPU rates are one thread's (see :mod:`qkv.backends.costs`)."""
 
@@ -377,6 +389,7 @@ class Rates:
     compile_forward: float
     compile_backward: float
     partial_per_work: float = 0.0
+    mod_per_work: float = 0.0
 
 
 #: CPU, AVX2 (``"cpu"``): fitted on 2026-12-01 on 2 vCPUs of an AMD EPYC with AVX2, torch 2.13,
@@ -384,7 +397,12 @@ class Rates:
 #: called directly took the same) in ``benchmarks/results/attention_speed_cpu.json``: 26 ns per
 #: visited score at every mask and N = 1k-16k (twice tiled's, three times SDPA's: inductor's CPU
 #: template is far slower without AVX-512), ~1.3 ms per call, little more on partial tiles except
-#: for masks that do much work per score (window | global tokens: +5 ns).
+#: for masks that do much work per score (window | global tokens: +5 ns). A score modifier, fused
+#: into the kernel (``benchmarks/score_mod_cost.py``, one thread, N = 1k-2k, full and causal): ALiBi
+#: +0-3 ns per visited score, a user ``q - k`` function +0-6, relative bias +0-10, soft cap +5-12
+#: (``tanh``, counted as 3 of its 5 units of work): ~1.2 ns per unit of work, against tiled's ~2.
+#: AVX-512's modifier rate is not measured (the AVX2 one scaled by the ``score`` rates); on CUDA a
+#: few operations per score are taken to be free beside the two matrix products.
 #: CPU, AVX-512 (``"cpu-avx512"``): fitted on 2026-11-23 on 2 cores with AVX-512 to
 #: ``attention_speed_cpu.json`` of then (causal, windows and documents at N = 1k..16k: 1.6-1.7 ns per
 #: visited score on two threads, here doubled to one thread's).
@@ -394,9 +412,10 @@ class Rates:
 #: forward+backward 3.6x the forward); the compile times there are estimates, not measurements.
 RATES = {
     "cpu": Rates(score=5.0e-9, score_per_dim=0.166e-9, partial_score=0.0, call=1.25e-3, backward=2.5,
-                 unfused_score=50e-9, compile_forward=10.0, compile_backward=30.0, partial_per_work=1.0e-9),
+                 unfused_score=50e-9, compile_forward=10.0, compile_backward=30.0, partial_per_work=1.0e-9,
+                 mod_per_work=1.2e-9),
     "cpu-avx512": Rates(score=0.6e-9, score_per_dim=0.02e-9, partial_score=1.0e-9, call=0.8e-3, backward=2.5,
-                        unfused_score=16e-9, compile_forward=10.0, compile_backward=30.0),
+                        unfused_score=16e-9, compile_forward=10.0, compile_backward=30.0, mod_per_work=0.15e-9),
     "cuda": Rates(score=0.2e-12, score_per_dim=4.7e-15, partial_score=0.3e-12, call=1.5e-4, backward=2.6,
                   unfused_score=5e-12, compile_forward=10.0, compile_backward=30.0),
 }
@@ -439,7 +458,7 @@ def estimate_seconds(problem: Problem, compiled: bool = True) -> float:
     else:
         visited, partial = visited_scores(p)
         work = p.mask.work if p.mask is not None else 0.0
-        t = (visited * (r.score + r.score_per_dim * (p.head_dim + p.v_dim))
+        t = (visited * (r.score + r.score_per_dim * (p.head_dim + p.v_dim) + r.mod_per_work * costs.score_mod_work(p))
              + partial * (r.partial_score + r.partial_per_work * work))
     t = t * (1 + r.backward) if p.requires_grad else t
     return r.call + t / costs.parallel(p)

@@ -96,10 +96,12 @@ class ReferenceBackend:
         return reasons(self.capabilities, problem)
 
     def estimate(self, problem: Problem) -> float:
-        """The materialised ``(B, Hq, Nq, Nk)`` softmax: a fixed cost per score."""
+        """The materialised ``(B, Hq, Nq, Nk)`` softmax: a fixed cost per score (more with a score
+        modifier, per unit of its work)."""
         p = problem
         r = costs.rates(p)
-        t = p.nq * p.nk * p.batch * p.q_heads * (r.reference_score + r.reference_score_per_dim * (p.head_dim + p.v_dim))
+        t = p.nq * p.nk * p.batch * p.q_heads * (r.reference_score + r.reference_score_per_dim * (p.head_dim + p.v_dim)
+                                                 + r.mod_score_per_work * costs.score_mod_work(p))
         return costs.with_backward(p, t / costs.parallel(p) + r.reference_call, r.tiled_backward)
 
     def run(self, problem: Problem) -> tuple[Tensor, Tensor]:

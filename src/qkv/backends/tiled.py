@@ -360,7 +360,8 @@ class TiledBackend:
                                                                  lambda: _count_walk(p, layout, s))
         bias = r.tiled_bias_score if p.bias is not None else 0.0
         work = p.mask.work if p.mask is not None else 0.0
-        arithmetic = (visited * (r.tiled_score + r.tiled_score_per_dim * (p.head_dim + p.v_dim) + bias)
+        mod = r.mod_score_per_work * costs.score_mod_work(p)
+        arithmetic = (visited * (r.tiled_score + r.tiled_score_per_dim * (p.head_dim + p.v_dim) + bias + mod)
                       + partial * (r.tiled_partial_score + r.tiled_partial_per_work * work))
         overhead = steps * r.tiled_step + partial_steps * r.tiled_partial_step_per_work * work
         return costs.with_backward(p, arithmetic / costs.parallel(p) + overhead, r.tiled_backward)

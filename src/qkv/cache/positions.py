@@ -89,7 +89,8 @@ class PositionMask(Mask):
             qpos, kpos = self.lookup(b, q, k)
             return mod.apply(tensors, score, b, h, qpos, kpos)
 
-        return ScoreMod(at_true_positions, mod.tensors, name=f"{mod.name} at cached positions", check=mod.check)
+        return ScoreMod(at_true_positions, mod.tensors, name=f"{mod.name} at cached positions", check=mod.check,
+                        work=mod.work + 2.0)
 
     def __repr__(self):
         extra = f", window={self.window}, sinks={self.sinks}" if self.window is not None else ""
