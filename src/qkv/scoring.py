@@ -18,6 +18,18 @@ import torch
 from torch import Tensor
 
 NEG_INF = float("-inf")
+LOG2_E = 1.4426950408889634
+
+
+def exp_(x: Tensor) -> Tensor:
+    """``exp(x)`` in place. float32 goes as ``exp2(x * log2 e)``: on a CPU torch's float32 ``exp``
+    takes 7 ns per element at ``-inf`` (every hidden entry) and 27-55 ns below about -87 (far keys
+    under ALiBi, large negative biases), against 2 ns elsewhere; ``exp2`` takes 2.2 ns, 5.8 at
+    worst (AVX2, one thread). Relative error of the weights: mean 4.7e-7 against exp's 3.1e-7 on
+    ``[-30, 0]``, as FlashAttention-style kernels do. float64 keeps ``exp`` (its ``exp2`` is slower)."""
+    if x.dtype == torch.float32:
+        return x.mul_(LOG2_E).exp2_()
+    return x.exp_()
 
 
 def hidden_entries(problem, b: Tensor, h: Tensor, q: Tensor, k: Tensor, bias: Tensor | None = None,
@@ -74,7 +86,7 @@ class OnlineSoftmax:
     def step(self, s: Tensor) -> tuple[Tensor, Tensor]:
         m_new = torch.maximum(self.m, s.amax(dim=-1, keepdim=True))
         shift = m_new.masked_fill(m_new == NEG_INF, 0.0)
-        probs = s.sub_(shift).exp_()
+        probs = exp_(s.sub_(shift))
         alpha = torch.exp(self.m - shift)
         self.l = self.l * alpha + probs.sum(dim=-1, keepdim=True)
         self.m = m_new
@@ -97,4 +109,4 @@ class OnlineSoftmax:
         return torch.where(seen, acc / torch.where(seen, self.l, torch.ones_like(self.l)), torch.zeros_like(acc))
 
 
-__all__ = ["hidden_entries", "score_tile", "OnlineSoftmax", "safe_lse", "finite_or_zero", "NEG_INF"]
+__all__ = ["hidden_entries", "score_tile", "OnlineSoftmax", "safe_lse", "finite_or_zero", "exp_", "NEG_INF"]

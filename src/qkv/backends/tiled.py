@@ -242,7 +242,7 @@ def _backward(t: _Tiling, q, k, v, out, lse, dout, dlse, needs):
             else:
                 s_mod = None
                 s = t.modified_scores(raw, r0, r1, c0, c1, hide)
-            probs = torch.exp(s - li)
+            probs = scoring.exp_(s - li)
             dp = do @ vj.transpose(-1, -2)
             if p.dropout_p > 0:
                 scale_keep = t.dropout_scale(r0, r1, c0, c1)
