@@ -6,7 +6,7 @@
 
 One thread: best-of CPU time of this process (robust to other jobs on the cores); more threads:
 best-of wall time (the machine must be idle). Per size, mask
-(none, causal) and modifier (none, ALiBi, soft cap, relative bias, a user function): measured
+(none, causal, window 256) and modifier (none, ALiBi, soft cap, relative bias, a user function): measured
 seconds on each backend, and the modifier's cost in ns per visited score against the same row
 without a modifier, also divided by the modifier's ``work``. Flex compiles each kind once first
 (~10 s each). Writes a JSON with the device, versions and date.
@@ -69,7 +69,7 @@ def main() -> None:
     rows = []
     for n in args.sizes:
         q, k, v = (torch.randn(1, args.heads, n, 64) for _ in range(3))
-        for mask_name, mask in (("full", None), ("causal", qkv.causal())):
+        for mask_name, mask in (("full", None), ("causal", qkv.causal()), ("window 256", qkv.sliding_window(256))):
             base = {}
             for mod_name, mod in modifiers(args.heads).items():
                 p = make_problem(q, k, v, mask, score_mod=mod)
@@ -90,7 +90,7 @@ def main() -> None:
                         row[f"{name}_mod_ns_per_score"] = extra
                         row[f"{name}_mod_ns_per_score_per_work"] = extra / mod.work
                 rows.append(row)
-                print(f"N={n} {mask_name:6s} {mod_name:13s} work {row['work']:.0f}: " + "  ".join(
+                print(f"N={n} {mask_name:10s} {mod_name:13s} work {row['work']:.0f}: " + "  ".join(
                     f"{b} {row[f'{b}_s'] * 1e3:7.1f} ms (est {row[f'{b}_estimate_s'] * 1e3:7.1f})"
                     + (f", +{row[f'{b}_mod_ns_per_score']:.2f} ns/score" if mod else "")
                     for b in ("tiled", "flex")), flush=True)

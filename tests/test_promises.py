@@ -365,8 +365,8 @@ def test_the_tiled_estimate_charges_float_masks():
 
 def test_the_estimates_charge_a_score_modifier_by_its_work():
     """Measured with benchmarks/score_mod_cost.py (one AVX2 thread, N = 1k-2k): a modifier costs
-    tiled ~2 ns per visited score and unit of work (a temporary per operation), compiled flex
-    ~1.2 (fused), the reference as much as tiled on every score. The estimates said +0 before."""
+    tiled ~1.4 ns per visited score and unit of work (a temporary per operation), compiled flex
+    ~0.8 (fused), the reference as much as tiled on every score. The estimates said +0 before."""
     from qkv.backends import REGISTRY, costs
     from qkv.backends.flex import RATES as FLEX_RATES
 

@@ -62,10 +62,11 @@ class Rates:
 #: (``benchmarks/tiled_bias_cost.py``); the reference 17-21 ns per score at N = 1k (D = 16, 64);
 #: per call, about 0.6 ms of fixed work for SDPA with a dense mask and 0.9 ms for the reference
 #: (small problems: B=1, H=2-12, N=64-256). A score modifier on tiled, one thread, N = 1k-2k, full
-#: and causal (``benchmarks/score_mod_cost.py``, ``results/score_mod_cost_cpu.json``): ALiBi
-#: +7-12 ns per visited score, soft cap +6-11, relative bias +8-13, a user ``q - k`` function
-#: +0-6; about 2 ns per unit of the modifier's :attr:`~qkv.scores.ScoreMod.work` (each of its
-#: operations makes a tile-sized temporary). The reference pays the same on every score.
+#: and causal (``benchmarks/score_mod_cost.py``, ``results/score_mod_cost_cpu.json``; two threads
+#: at 2k-4k in ``..._2threads.json`` agree): ALiBi +2.6-4 ns per visited score, soft cap +7-8.5,
+#: relative bias +9-10, a user ``q - k`` function +1.3-3; about 1.4 ns per unit of the
+#: modifier's :attr:`~qkv.scores.ScoreMod.work` (each of its operations makes a tile-sized
+#: temporary). The reference pays the same on every score.
 #: CPU, AVX-512 (``"cpu-avx512"``): fitted on 2026-11-23 on 2 cores of an x86-64 server with
 #: AVX-512, torch 2.13, B=1 H=4 D=64 float32, on two threads (here doubled to one thread's);
 #: ``tiled_bias_score`` refitted with ``benchmarks/tiled_bias_cost.py`` (one thread, CPU time):
@@ -80,12 +81,12 @@ RATES = {
                  tiled_step=0.8e-3, reference_score=13e-9, sdpa_backward=2.6, tiled_backward=3.3,
                  tiled_partial_per_work=1.0e-9, tiled_partial_step_per_work=0.12e-3,
                  reference_score_per_dim=0.04e-9, reference_call=0.9e-3, sdpa_mask_call=0.6e-3,
-                 mod_score_per_work=2.0e-9),
+                 mod_score_per_work=1.4e-9),
     "cpu-avx512": Rates(sdpa_score=0.6e-9, sdpa_score_per_dim=0.0166e-9, sdpa_causal_fraction=0.57,
                         sdpa_mask_slowdown=1.5, mask_element=1.6e-9, tiled_score=1.2e-9,
                         tiled_score_per_dim=0.0204e-9, tiled_partial_score=6e-9, tiled_bias_score=2.0e-9,
                         tiled_step=1.2e-4, reference_score=0.0, sdpa_backward=2.6, tiled_backward=3.3,
-                        reference_score_per_dim=20e-9 / 128, mod_score_per_work=0.63e-9),
+                        reference_score_per_dim=20e-9 / 128, mod_score_per_work=0.44e-9),
     "cuda": Rates(sdpa_score=2e-13, sdpa_score_per_dim=2e-15, sdpa_causal_fraction=0.55,
                   sdpa_mask_slowdown=2.0, mask_element=5e-13, tiled_score=2e-12, tiled_score_per_dim=4e-15,
                   tiled_partial_score=2e-12, tiled_bias_score=2e-12, tiled_step=2e-4, reference_score=0.0,

@@ -399,8 +399,9 @@ class Rates:
 #: template is far slower without AVX-512), ~1.3 ms per call, little more on partial tiles except
 #: for masks that do much work per score (window | global tokens: +5 ns). A score modifier, fused
 #: into the kernel (``benchmarks/score_mod_cost.py``, one thread, N = 1k-2k, full and causal): ALiBi
-#: +0-3 ns per visited score, a user ``q - k`` function +0-6, relative bias +0-10, soft cap +5-12
-#: (``tanh``, counted as 3 of its 5 units of work): ~1.2 ns per unit of work, against tiled's ~2.
+#: +1.5-1.8 ns per visited score, a user ``q - k`` function +1.7-2.2, relative bias +3.9-4.4, soft
+#: cap +7-7.4 (``tanh``, counted as 3 of its 5 units of work): ~0.8 ns per unit of work, against
+#: tiled's ~1.4.
 #: AVX-512's modifier rate is not measured (the AVX2 one scaled by the ``score`` rates); on CUDA a
 #: few operations per score are taken to be free beside the two matrix products.
 #: CPU, AVX-512 (``"cpu-avx512"``): fitted on 2026-11-23 on 2 cores with AVX-512 to
@@ -413,9 +414,9 @@ class Rates:
 RATES = {
     "cpu": Rates(score=5.0e-9, score_per_dim=0.166e-9, partial_score=0.0, call=1.25e-3, backward=2.5,
                  unfused_score=50e-9, compile_forward=10.0, compile_backward=30.0, partial_per_work=1.0e-9,
-                 mod_per_work=1.2e-9),
+                 mod_per_work=0.8e-9),
     "cpu-avx512": Rates(score=0.6e-9, score_per_dim=0.02e-9, partial_score=1.0e-9, call=0.8e-3, backward=2.5,
-                        unfused_score=16e-9, compile_forward=10.0, compile_backward=30.0, mod_per_work=0.15e-9),
+                        unfused_score=16e-9, compile_forward=10.0, compile_backward=30.0, mod_per_work=0.1e-9),
     "cuda": Rates(score=0.2e-12, score_per_dim=4.7e-15, partial_score=0.3e-12, call=1.5e-4, backward=2.6,
                   unfused_score=5e-12, compile_forward=10.0, compile_backward=30.0),
 }
