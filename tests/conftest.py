@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, settings
 
 import qkv.backends as backends
 from qkv.backends import TiledBackend, TileSizes
+from tests.background import CHILDREN
 
 settings.register_profile("default", max_examples=30, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -50,3 +51,23 @@ def tiny_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_copy(tiny_dir, tmp_path):
     return shutil.copytree(tiny_dir, tmp_path / "copy")
+
+
+def _skipped(item) -> bool:
+    """Does a skip mark already say the test will skip? (Its conditions here are booleans.)"""
+    if item.get_closest_marker("skip") is not None:
+        return True
+    return any(bool(mark.args[0]) for mark in item.iter_markers("skipif") if mark.args)
+
+
+def pytest_collection_finish(session):
+    """Start the background children (tests/background.py) of the tests that will run."""
+    for item in session.items:
+        mark = item.get_closest_marker("background_child")
+        if mark is not None and not _skipped(item):
+            CHILDREN[mark.args[0]].start()
+
+
+def pytest_sessionfinish(session):
+    for child in CHILDREN.values():
+        child.stop()

@@ -1,9 +1,10 @@
 """The ``flex`` backend (FlexAttention fed by qkv's block view) against the float64 reference.
 
 Most cases run Flex's unfused path (``FlexBackend(compiled=False)``: the same mask_mod, score_mod
-and BlockMask, Flex's own math, float64 included); one compiled kind on CPU checks the compiled
-kernel and that changing window sizes, lengths, document ids, prefix lengths, batch and sequence
-length does not recompile. Flex has no backward on CPU, so gradient cases run on CUDA only.
+and BlockMask, Flex's own math, float64 included). Two compiled kinds on CPU, in a fresh process
+(``tests/flex_compiled_cpu.py``, run alongside the suite), check the compiled kernel with score
+modifiers, and that changing window sizes, lengths, document ids, prefix lengths, batch and
+sequence length does not recompile. Flex has no backward on CPU, so gradient cases run on CUDA only.
 """
 
 import pytest
@@ -15,6 +16,7 @@ import qkv
 from qkv.backends import REGISTRY, FlexBackend, flex
 from qkv.masks import FULL, PARTIAL
 from qkv.problem import make_problem
+from tests import background
 from tests.strategies import cases
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward and Triton kernels need CUDA")
@@ -175,82 +177,36 @@ def test_ski_rental_compiles_once_the_savings_cover_the_compile(monkeypatch):
     assert calls == int(-(-compile_s // (1.0 - run)))
 
 
+#: tests/flex_compiled_cpu.py in a fresh process with an empty inductor cache, started at collection
+#: (tests/background.py) so that its compiles run alongside the rest of the suite.
+COMPILED_CPU = background.child("flex compiled cpu", ["tests/flex_compiled_cpu.py"], fresh_inductor_cache=True,
+                                env={"PYTHONPATH": background.python_path()})
+
+
+def compiled_cpu_check(name: str) -> None:
+    result = COMPILED_CPU.result(timeout=600)
+    lines = result.stdout.splitlines()
+    assert f"{name}: ok" in lines, result.stdout[-4000:] + result.stderr[-3000:]
+
+
+@pytest.mark.background_child("flex compiled cpu")
 def test_compiled_flex_on_cpu_matches_and_does_not_recompile():
     """One compiled kind: window, prefix, document ids, key lengths (one of them 0: empty rows),
-    batch and sequence length all change, and the compile count does not move after the first."""
-    g = torch.Generator().manual_seed(0)
-    counts = []
-    for n, batch, window, prefix, docs, lengths in [(200, 2, 16, [5, 40], 3, [0, 150]), (333, 2, 50, [100, 0], 5, [333, 9]),
-                                                     (130, 3, 7, [0, 9, 130], 2, [130, 1, 64])]:
-        ids = torch.arange(n) * docs // n
-        mask = ((qkv.sliding_window(window) | qkv.prefix_lm(torch.tensor(prefix)) | qkv.global_tokens([3, n - 9]))
-                & qkv.document(ids) & qkv.key_padding(torch.tensor(lengths)))
-        mod = qkv.scores.alibi(torch.rand(4, generator=g))
-        q, k, v = (torch.randn(batch, 4, n, 32, generator=g) for _ in range(3))
-        got = qkv.attention(q, k[:, :2], v[:, :2], mask, score_mod=mod, backend="flex")
-        want = qkv.attention(q.double(), k[:, :2].double(), v[:, :2].double(), mask, score_mod=mod, backend="reference")
-        close(got, want, 2e-5, f"compiled N={n}")
-        if lengths[0] == 0:
-            assert torch.equal(got[0], torch.zeros_like(got[0]))  # rows that see nothing: zeros
-        counts.append(flex.compile_count())
-    assert not flex._FAILED, flex._FAILED  # compiled, not fallen back to tiled
-    assert counts[1] == counts[0] and counts[2] == counts[0], counts
+    batch and sequence length all change, and the compile count does not move after the first
+    (``flex_compiled_cpu.no_recompile``)."""
+    compiled_cpu_check("no recompile")
 
 
-def test_compiled_flex_on_cpu_compiles_a_score_modifier_that_reads_a_float():
-    """A soft cap reads a float: dynamo made it a symbol, which torch 2.13's CPU template cannot
-    lower ("unbacked_bindings"), and qkv fell back to tiled. Floats are now constants of the
-    kernel (they are part of the kind anyway); sizes stay dynamic: one compile for two lengths."""
-    g = torch.Generator().manual_seed(1)
-    mod = qkv.scores.softcap(5.0)
-    counts = []
-    for n in (200, 333):
-        q, k, v = (torch.randn(2, 4, n, 32, generator=g) for _ in range(3))
-        got = qkv.attention(q, k, v, qkv.causal(), score_mod=mod, backend="flex")
-        want = qkv.attention(q.double(), k.double(), v.double(), qkv.causal(), score_mod=mod, backend="reference")
-        close(got, want, 2e-5, f"compiled N={n}")
-        counts.append(flex.compile_count())
-    assert not flex._FAILED, flex._FAILED
-    assert counts[1] == counts[0], counts
-
-
-#: Run in a fresh process with an empty inductor cache, so that what compiles is the same every time
-#: (the template's naming bug depended on the symbols handed out before) and nothing is a cache hit.
-_FRESH_PROCESS_MODIFIERS = """
-import warnings, torch, qkv
-from qkv.backends import flex
-warnings.simplefilter("error", RuntimeWarning)  # a fallback to tiled warns: fail on it
-g = torch.Generator().manual_seed(2)
-for mask, mod in [(None, qkv.scores.alibi(4))]:  # relative_bias etc.: QKV_SLOW's sweep
-    counts = []
-    for n in (300, 333):
-        q, k, v = (torch.randn(2, 4, n, 32, generator=g) for _ in range(3))
-        got = qkv.attention(q, k, v, mask, score_mod=mod, backend="flex")
-        want = qkv.attention(q.double(), k.double(), v.double(), mask, score_mod=mod, backend="reference")
-        err = (got.double() - want).abs().max().item()
-        assert err < 2e-5, (mod.name, n, err)
-        counts.append(flex.compile_count())
-    assert counts[0] == counts[1], (mod.name, counts)
-assert not flex._FAILED, flex._FAILED
-print("compiled", flex.compile_count())
-"""
-
-
-def test_compiled_flex_on_cpu_names_the_tile_sizes_of_its_template(tmp_path):
-    """torch's CPU Flex template turned ``ks1`` into ``cur_qSplitSize`` by text replacement, so a
-    captured size named ``ks15`` became ``cur_qSplitSize5``: C++ that does not compile, and ALiBi
-    fell back to tiled in a fresh process (so did relative_bias). qkv's compiles name the tile sizes
-    directly (``qkv.backends.flex_cpu_fix``); it compiles, once for two lengths, and matches. Every
-    other mask x modifier kind: ``tests/test_flex_compiled_sweep.py`` (QKV_SLOW=1)."""
-    import os
-    import subprocess
-    import sys
-
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
-    result = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_MODIFIERS], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "compiled 1", result.stdout
+@pytest.mark.background_child("flex compiled cpu")
+def test_compiled_flex_on_cpu_compiles_alibi_and_a_soft_cap():
+    """Two bugs of torch's CPU Flex template, one compile (``flex_compiled_cpu.modifiers_compile``,
+    first in a fresh process, where it failed without either fix). (1) It turned ``ks1`` into
+    ``cur_qSplitSize`` by text replacement, so a captured size named ``ks15`` became
+    ``cur_qSplitSize5``: C++ that does not compile, and ALiBi fell back to tiled (so did
+    relative_bias); qkv's compiles name the tile sizes directly (``qkv.backends.flex_cpu_fix``).
+    (2) A soft cap's float handed over as a symbol failed ("unbacked_bindings"); qkv makes it a
+    constant of the kernel (floats are part of a kind anyway). One compile for two lengths."""
+    compiled_cpu_check("modifiers compile")
 
 
 def test_the_template_fix_leaves_torch_as_it_was():

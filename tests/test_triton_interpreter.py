@@ -1,7 +1,8 @@
 """Runs ``tests/test_triton.py`` under Triton's CPU interpreter as part of the default suite.
 
 ``TRITON_INTERPRET=1`` must be set before Python starts (Triton reads it at import), so the
-kernels' tests run in a child pytest process; its summary is shown when it fails. On a CUDA
+kernels' tests run in a child pytest process, started when the suite's tests are collected
+(``tests/background.py``); its summary is shown when it fails. On a CUDA
 machine test_triton.py runs natively at full size instead, and this test skips.
 """
 
@@ -14,18 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests import background
+
 ROOT = Path(__file__).resolve().parent.parent
+
+
+INTERPRETER = background.child("triton interpreter", ["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                                                      "--no-header", "tests/test_triton.py", "tests/test_triton_decode.py"],
+                               env={"TRITON_INTERPRET": "1", "PYTHONPATH": background.python_path()})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed (qkv[triton])")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: tests/test_triton.py runs on the GPU")
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="already in the interpreter")
+@pytest.mark.background_child("triton interpreter")
 def test_triton_kernels_under_the_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(
-        [str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "--no-header",
-           "tests/test_triton.py", "tests/test_triton_decode.py"]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    """The child pytest started at collection (tests/background.py: it runs alongside the suite)."""
+    result = INTERPRETER.result(timeout=600)
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and " skipped" not in result.stdout.splitlines()[-1], result.stdout[-2000:]
 
