@@ -33,7 +33,9 @@ class Child:
     env: dict = field(default_factory=dict)
     fresh_inductor_cache: bool = False
     _proc: subprocess.Popen | None = None
-    _dir: str | None = None
+    _dir: str | None = None  # its stdout and stderr files, and the inductor cache if fresh
+    _out: object = None
+    _err: object = None
 
     def start(self) -> None:
         if self._proc is not None:
@@ -67,7 +69,7 @@ class Child:
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-        for f in (getattr(self, "_out", None), getattr(self, "_err", None)):
+        for f in (self._out, self._err):
             if f is not None:
                 f.close()
         if self._dir is not None:

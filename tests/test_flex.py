@@ -17,6 +17,7 @@ from qkv.backends import REGISTRY, FlexBackend, flex
 from qkv.masks import FULL, PARTIAL
 from qkv.problem import make_problem
 from tests import background
+from tests.flex_compiled_cpu import close
 from tests.strategies import cases
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention's backward and Triton kernels need CUDA")
@@ -27,14 +28,6 @@ def unfused_flex():
     REGISTRY["flex_unfused"] = FlexBackend(compiled=False, name="flex_unfused")
     yield
     REGISTRY.pop("flex_unfused", None)
-
-
-def close(got, want, tol, what):
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    same_inf = torch.isinf(got) & (got == want)
-    assert not torch.isnan(got).any(), f"{what}: NaN"
-    diff = torch.where(same_inf, 0.0, (got.double() - want.double()).abs())
-    assert diff.numel() == 0 or diff.max().item() <= tol, f"{what}: max diff {diff.max().item():.3g}"
 
 
 @settings(max_examples=20)
