@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One device call for a GPU session (the lease is ~15 min, a call at most 10): the checks and
 # figures issues 11, 12 and 14 still wait for, most important first, each under its own time
-# limit so that the call ends by ~560 s whatever happens. Everything lands under $OUT:
-#   tests.log            the GPU tests (CUDA-only tests that skip on a CPU)
+# limit so that the call ends by ~560 s whatever happens. Everything lands under $OUT, in at most
+# 8 files (what a device call brings back):
+#   summary.txt          GPU, versions, and each step's exit status and end time
+#   tests.log            the CUDA-only tests (those that skip on a CPU), then test_triton_decode.py
+#                        and test_triton.py natively (no autotuning) for the rest of the step's time
 #   gpu_flex.json/.log   issue 11: qkv's flex backend against FlexAttention called directly
-#   decode_twin_cuda.*   issue 14: eager and CUDA-graph tokens/s at batch 1 and 16
+#   decode_twin_cuda.*   issue 14: eager and CUDA-graph tokens/s at batch 1 and 16 (JSON per batch)
 #   gpu_attention.*      issue 12: the Triton kernels against SDPA and Flex (what time is left;
 #                        a second call: python3 benchmarks/gpu_attention.py --budget-s 450)
 # Run from the repository root:  bash benchmarks/gpu_session.sh
@@ -23,17 +26,24 @@ step() {  # step NAME SECONDS COMMAND...: run with a limit (never past the call'
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "== $name: exit $? after $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
 }
-nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt" 2>&1
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
-  >> "$OUT/gpu.txt" 2>&1
+timeout 20 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv >> "$OUT/summary.txt" 2>&1
+timeout 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+  >> "$OUT/summary.txt" 2>&1
 
-step tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_triton_gpu.py tests/test_triton.py \
-  tests/test_flex.py tests/test_decode_fast.py tests/test_promises.py tests/test_cache_common.py \
-  tests/test_layout.py tests/test_positions.py
+# The CUDA-only tests first (-k: their names say cuda/gpu); test_triton.py natively compiles a few
+# hundred kernel variants and may not finish in the time left, so it comes last (-v: each result
+# is logged as it comes, so a run cut short still says which passed).
+cuda_only="cuda or gpu or data_device"
+step tests 150 env QKV_TRITON_AUTOTUNE=0 bash -c "python3 -m pytest -v -rfEs -p no:cacheprovider -k '$cuda_only' \
+  tests/test_triton_gpu.py tests/test_flex.py tests/test_decode_fast.py tests/test_promises.py tests/test_cache_common.py \
+  tests/test_layout.py tests/test_positions.py; \
+  python3 -m pytest -v -rfEs -p no:cacheprovider tests/test_triton_decode.py tests/test_triton.py"
 step gpu_flex 240 env CHECK_S=220 python3 benchmarks/gpu_flex.py
 step decode_twin_cuda 150 python3 benchmarks/decode_speed.py twin --device cuda --batches 1 16 --rounds 3 \
   --out "$OUT/decode_twin_cuda.json"
-step gpu_attention 200 python3 benchmarks/gpu_attention.py --budget-s 170
+# Its own budget from the time left (it starts no row that would not end by then).
+ga_budget=$(( $(left) - 30 )); [ "$ga_budget" -gt 170 ] && ga_budget=170
+step gpu_attention 200 python3 benchmarks/gpu_attention.py --budget-s "$ga_budget"
 
-tail -n 3 "$OUT/tests.log"
+grep -E "passed|failed|error" "$OUT/tests.log" | tail -n 4
 cat "$OUT/summary.txt"
