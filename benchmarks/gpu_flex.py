@@ -32,6 +32,13 @@ T0 = time.time()
 OUT = os.environ.get("OUT", ".")
 res: dict = {"env": {"torch": torch.__version__, "device": torch.cuda.get_device_name() if DEV == "cuda" else "cpu",
                      "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+# Compiled Flex called directly recompiles per mask_mod and grad mode (speed: 5 masks x 2), and
+# create_block_mask(_compile=True) per mask_mod and N (blockmask_build: 9): past dynamo's
+# recompile limit (8 per code object) they would run eagerly, unfused, without a word (so the
+# 128k-document row of shared/gpu ran out of memory).
+for _name in ("recompile_limit", "accumulated_recompile_limit", "cache_size_limit", "accumulated_cache_size_limit"):
+    if hasattr(torch._dynamo.config, _name):
+        setattr(torch._dynamo.config, _name, 4096)
 
 
 def left() -> float:
