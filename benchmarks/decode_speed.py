@@ -300,6 +300,14 @@ def twin_main(args) -> int:
     def finished(fn):  # a call's time includes its kernels: wait for the device
         return (lambda: (fn(), torch.cuda.synchronize(device))[0]) if on_cuda else fn
 
+    out = args.out or RESULTS / ("decode_twin_cuda.json" if on_cuda else "decode_twin.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every batch too: a run cut short (a GPU session's time limit) keeps what it measured
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(out)
+
     for batch in args.batches:
         prompt = torch.randint(0, args.vocab, (batch, args.prompt), generator=torch.Generator().manual_seed(batch))
         prompt = prompt.to(device)
@@ -335,6 +343,7 @@ def twin_main(args) -> int:
         line = ", ".join(f"{name} {s['rate']:7.1f} tok/s ({s['speed_vs_plain']:.2f}x, rounds "
                          f"{s['median_round_ratio_vs_plain']:.2f}x)" for name, s in summary.items())
         print(f"batch {batch}: {line}; same tokens: {same}", flush=True)
+        save()
     if on_cuda:  # the op counts and the overhead microbenchmark are CPU measurements
         result["op_counts"] = result["attention_overhead"] = "not run on CUDA"
     else:
@@ -348,9 +357,7 @@ def twin_main(args) -> int:
               f"{r['qkv_overhead_us']:.1f} us, qkv causal +{r['qkv_causal_overhead_us']:.1f} us, "
               f"python floor +{r['python_floor_overhead_us']:.1f} us", flush=True)
     result["device"]["load_average"] = os.getloadavg()  # at the end
-    out = args.out or RESULTS / ("decode_twin_cuda.json" if on_cuda else "decode_twin.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    save()
     print()
     print(twin_table(result))
     print(f"wrote {out}")
