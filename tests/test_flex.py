@@ -249,7 +249,13 @@ def test_cuda_flex_gradients_including_score_mod_tensors(dtype):
 
 @cuda
 def test_cuda_auto_picks_flex_for_large_masked_problems_once_compiled():
-    q = torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
+    """Once its kind is compiled, flex's estimate beats SDPA's dense mask (at N=4096 the per-call
+    cost still loses to it) and every other peer but ``triton``, whose guessed CUDA rates send
+    masked problems to it until measured (docs/triton.md): auto picks one of the two."""
+    q = torch.randn(1, 8, 8192, 64, device="cuda", dtype=torch.bfloat16)
     qkv.attention(q, q, q, qkv.sliding_window(256), backend="flex")
-    assert qkv.explain_dispatch(q, q, q, qkv.sliding_window(512)).chosen == "flex"
+    d = qkv.explain_dispatch(q, q, q, qkv.sliding_window(512))
+    assert not REGISTRY["flex"].compile_pending(d.problem)
+    peers = [e for name, e in d.estimates.items() if e is not None and name not in ("flex", "triton")]
+    assert d.estimates["flex"] < min(peers) and d.chosen in ("flex", "triton"), d
     assert qkv.explain_dispatch(q, q, q).chosen == "sdpa"
