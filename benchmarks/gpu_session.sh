@@ -30,13 +30,15 @@ timeout 20 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --fo
 timeout 60 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
   >> "$OUT/summary.txt" 2>&1
 
-# The CUDA-only tests first (-k: their names say cuda/gpu); test_triton.py natively compiles a few
-# hundred kernel variants and may not finish in the time left, so it comes last (-v: each result
-# is logged as it comes, so a run cut short still says which passed).
+# The CUDA-only tests first (-k: their names say cuda/gpu), quickest first (test_flex's compile
+# Flex forward+backward for 6 kinds, gpu_flex.py's correctness checks again); test_triton.py
+# natively compiles over a hundred kernel variants (2-4 s each) and may not finish in the time
+# left, so it comes last (-v: each result is logged as it comes, so a run cut short still says
+# which passed).
 cuda_only="cuda or gpu or data_device"
 step tests 150 env QKV_TRITON_AUTOTUNE=0 bash -c "python3 -m pytest -v -rfEs -p no:cacheprovider -k '$cuda_only' \
-  tests/test_triton_gpu.py tests/test_flex.py tests/test_decode_fast.py tests/test_promises.py tests/test_cache_common.py \
-  tests/test_layout.py tests/test_positions.py; \
+  tests/test_triton_gpu.py tests/test_promises.py tests/test_cache_common.py tests/test_layout.py \
+  tests/test_positions.py tests/test_decode_fast.py tests/test_flex.py; \
   python3 -m pytest -v -rfEs -p no:cacheprovider tests/test_triton_decode.py tests/test_triton.py"
 step gpu_flex 240 env CHECK_S=220 python3 benchmarks/gpu_flex.py
 step decode_twin_cuda 150 python3 benchmarks/decode_speed.py twin --device cuda --batches 1 16 --rounds 3 \
