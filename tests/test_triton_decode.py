@@ -110,17 +110,21 @@ def test_paged_and_contiguous_decode_agree_on_ragged_windows_with_sinks():
                 torch.testing.assert_close(paged_lse[b:b + 1], lse, rtol=1e-6, atol=1e-6)
 
 
-def test_ragged_paged_decode_visits_only_the_tiles_a_window_and_its_sinks_see():
+def test_ragged_paged_decode_visits_only_the_tiles_a_window_and_its_sinks_see(monkeypatch):
     """The launch lists, per sequence, the sink tile and the window's tiles (nothing between or
     beyond the length), and the kernel reads nothing else: dropping a visible tile from the list
     drops exactly its keys from the result."""
-    from qkv.backends.triton import decode
+    from qkv.backends.triton import configs, decode
 
+    # The kernel walks the list of its own tile size: the first configuration's, without autotuning
+    # (16 keys in the interpreter, 32 for float32 on CUDA).
+    monkeypatch.setenv("QKV_TRITON_AUTOTUNE", "0")
+    bn = configs.candidates("decode", 32, float32=True)[0].block_n
     lengths = [CONTEXT, 40, 7]
     pool, seqs = _pool(lengths, page_size=16, seed=4)
     table, lens = decode.pool_tables(pool, seqs)
     q = torch.randn(3, 2, 1, 32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
-    window, sinks, bn = 20, 2, 16
+    window, sinks = 20, 2
     mask = qkv.sliding_window(window) | (qkv.key_padding(sinks) & qkv.causal())
     plan = decode.PagedDecode(q, table, lens, mask, page_size=16, kv_heads=2)
     tiles, counts, _ = plan.launch.tile_list(bn)
