@@ -259,3 +259,29 @@ def test_cuda_auto_picks_flex_for_large_masked_problems_once_compiled():
     peers = [e for name, e in d.estimates.items() if e is not None and name not in ("flex", "triton")]
     assert d.estimates["flex"] < min(peers) and d.chosen in ("flex", "triton"), d
     assert qkv.explain_dispatch(q, q, q).chosen == "sdpa"
+
+
+def test_the_unchecked_kernel_is_asked_for_only_on_cuda_at_multiples_of_the_tile():
+    from qkv.backends.flex import BLOCK, kernel_options
+
+    assert kernel_options("cuda", 8192, 4 * BLOCK) == {"IS_DIVISIBLE": True}
+    assert kernel_options("cuda", 8192, 8191) is None and kernel_options("cuda", 1, 8192) is None
+    assert kernel_options("cpu", 8192, 8192) is None
+
+
+@cuda
+def test_cuda_flex_lengths_on_and_off_the_tile_share_at_most_two_compiles():
+    """Lengths that are multiples of 128 run the kernel without bounds checks, the others the
+    checked one: both exact, one compile for each class, none for a new length in a class."""
+    from qkv.backends.flex import compile_count
+
+    g = torch.Generator().manual_seed(3)
+    counts = []
+    for n in (384, 300, 512, 333):
+        q, k, v = (torch.randn(1, 4, n, 64, generator=g).cuda() for _ in range(3))
+        mask = qkv.sliding_window(100) | qkv.global_tokens([0])
+        out = qkv.attention(q, k, v, mask, backend="flex")
+        ref = qkv.attention(q.double(), k.double(), v.double(), mask, backend="reference")
+        close(out, ref, 2e-4, f"N={n}")
+        counts.append(compile_count())
+    assert counts[1] == counts[0] + 1 and counts[3] == counts[2] == counts[1], counts

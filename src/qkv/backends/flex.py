@@ -249,16 +249,28 @@ def _counting_inductor(graph, example_inputs):
     return compile_fx(graph, example_inputs)
 
 
-def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse):
+def kernel_options(device_type: str, nq: int, nk: int) -> dict | None:
+    """Flex's ``kernel_options`` for a call. On CUDA, with both lengths multiples of
+    :data:`BLOCK`: ``IS_DIVISIBLE``, the kernel without bounds checks on its loads and masks.
+    Inductor decides that flag from the lengths only where they are static; qkv compiles with
+    dynamic lengths, so it would always take the checked kernel, which Flex called directly at a
+    length such as 8192 does not. The flag is part of a problem's kind (:func:`signature`): at
+    most one more compile per kind, never a kernel without checks on a length that needs them."""
+    if device_type == "cuda" and nq % BLOCK == 0 and nk % BLOCK == 0:
+        return {"IS_DIVISIBLE": True}
+    return None
+
+
+def _call_flex(q, k, v, score_mod, block_mask, scale, enable_gqa, return_lse, options=None):
     if not return_lse:
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                              enable_gqa=enable_gqa), None
+                              enable_gqa=enable_gqa, kernel_options=options), None
     if _AuxRequest is not None:
         out, aux = flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                                  enable_gqa=enable_gqa, return_aux=_AuxRequest(lse=True))
+                                  enable_gqa=enable_gqa, kernel_options=options, return_aux=_AuxRequest(lse=True))
         return out, aux.lse
     return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
-                          enable_gqa=enable_gqa, return_lse=True)
+                          enable_gqa=enable_gqa, kernel_options=options, return_lse=True)
 
 
 #: One compiled function per problem kind (:func:`signature`), each with its own code object, so
@@ -350,7 +362,8 @@ def _mask_key(mask) -> tuple:
 
 def signature(problem: Problem) -> tuple:
     """What the compiled function is specialised on (dtypes, head dims, grouping, autograd, lse,
-    scale, the mask's and score modifier's structure), but not on sizes or mask values. Computed
+    scale, the mask's and score modifier's structure, on CUDA whether the lengths are multiples of
+    :data:`BLOCK`), but not on sizes or mask values. Computed
     once per problem (the dispatcher asks several times)."""
     p = problem
     sig = p.memo.get("flex_signature")
@@ -363,7 +376,8 @@ def _signature(p: Problem) -> tuple:
     mod = p.score_mod
     return (p.device.type, p.dtype, p.head_dim, p.v_dim, p.group > 1, p.requires_grad, p.return_lse, p.scale,
             _mask_key(p.mask), None if mod is None else (_code_key(mod.fn), tuple(t.requires_grad for t in mod.tensors)),
-            None if p.bias is None else (p.bias.dtype, p.bias.requires_grad))
+            None if p.bias is None else (p.bias.dtype, p.bias.requires_grad),
+            kernel_options(p.device.type, p.nq, p.nk) is not None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,7 +578,7 @@ class FlexBackend:
             if p.bias is not None:
                 _dynamic(p.bias)
         args = (p.q, p.k, p.v, score_mod(p, inputs.score_offsets), inputs.block_mask, p.scale, p.group > 1,
-                p.return_lse)
+                p.return_lse, kernel_options(p.device.type, p.nq, p.nk))
         if sig in _READY:  # compiled before: Flex's warnings were given (and silenced) at tracing
             with settings:
                 out, lse = call(*args)
@@ -593,4 +607,5 @@ class FlexBackend:
 
 
 __all__ = ["FlexBackend", "FlexInputs", "BLOCK", "AMORTIZE_CALLS", "compile_count", "flex_inputs", "block_mask",
+           "kernel_options",
            "mask_mod", "score_mod", "kv_blocks", "positions", "tensorized", "signature", "all_finite"]
