@@ -48,6 +48,7 @@ def no_model_loads(monkeypatch):
     (["explain", "--compare", "I sat on the bank", "a river", "--word", "bank"], "does not occur as a whole word in TEXT_B"),
     (["explain", LONG_TEXT], "pass --truncate to explain its first 512 tokens"),
     (["explain", "--file", "/no/such/file.txt"], "--file: no such file"),
+    (["explain", "--file", "/"], "--file: / is a directory, expected a file"),
     (["generate", "--checkpoint", "/no/checkpoint"], "--checkpoint: no such directory: /no/checkpoint (train a model first"),
     (["generate", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["train", "--text", "/no/such/text.txt"], "--text: no such file"),
