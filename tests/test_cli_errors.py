@@ -47,6 +47,7 @@ def no_model_loads(monkeypatch):
     (["explain", "--compare", "a b", "c d"], "--compare needs --word"),
     (["explain", "--compare", "I sat on the bank", "a river", "--word", "bank"], "does not occur as a whole word in TEXT_B"),
     (["explain", LONG_TEXT], "pass --truncate to explain its first 512 tokens"),
+    (["explain", "  "], "the text (TEXT) is empty: nothing to explain"),
     (["explain", "--file", "/no/such/file.txt"], "--file: no such file"),
     (["explain", "--file", "/"], "--file: / is a directory, expected a file"),
     (["generate", "--checkpoint", "/no/checkpoint"], "--checkpoint: no such directory: /no/checkpoint (train a model first"),
