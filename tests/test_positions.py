@@ -253,6 +253,22 @@ def test_merge_partials_keeps_dtypes_and_checks_arguments():
         qkv.merge_partials(out, lse)
 
 
+def test_merge_partials_keeps_a_visible_nan_nan():
+    """A row whose scores met NaN has NaN lse in its part; merged with parts that saw nothing
+    (lse -inf) it stays NaN, output and lse, as the whole problem gives (not lse -inf)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    q[0, 0, 3] = float("nan")
+    whole, whole_lse = qkv.attention(q, k, v, qkv.causal(), return_lse=True)
+    parts = [qkv.attention(q, k[:, :, a:b], v[:, :, a:b], qkv.causal(), return_lse=True, q_offset=0, k_offset=a)
+             for a, b in [(0, 2), (2, 4)]]
+    out, lse = qkv.merge_partials([o for o, _ in parts], [s for _, s in parts])
+    assert parts[1][1][0, 0, 0] == float("-inf") and whole_lse[0, 0, 3].isnan()
+    assert lse[0, 0, 3].isnan() and out[0, 0, 3].isnan().all()
+    _close(out[0, 0, :3], whole[0, 0, :3], "rows without NaN")
+    _close(lse[0, 0, :3], whole_lse[0, 0, :3], "their lse")
+
+
 # --------------------------------------------------------------------------------------------
 # Binding contract and tile kinds
 # --------------------------------------------------------------------------------------------
