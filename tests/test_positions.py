@@ -185,6 +185,8 @@ def test_default_offsets_are_bottom_right():
     (dict(k_offset=torch.tensor([1, 2, 3])), ValueError, r"k_offset must be an int or a \(B,\)"),
     (dict(k_offset=-1), ValueError, "k_offset must be >= 0"),
     (dict(q_offset=True), TypeError, "q_offset must be an int"),
+    (dict(q_offset=10 ** 20), ValueError, r"q_offset must lie in \[-2\*\*53, 2\*\*53\]"),
+    (dict(k_offset=torch.tensor(1 << 60)), ValueError, r"k_offset must lie in \[-2\*\*53, 2\*\*53\]"),
 ])
 def test_bad_offsets_raise_clear_errors(kwargs, error, message):
     q, k, v = _data(3, 7, seed=4, grad=False)
