@@ -46,3 +46,25 @@ def test_the_command_prints_both_tables(capsys):
 def test_bad_options(capsys, argv, fragment):
     assert cli(["bench", *argv]) == 2
     assert fragment in capsys.readouterr().err
+
+
+def test_an_unwritable_json_path_is_refused_before_anything_is_timed(capsys, tmp_path, monkeypatch):
+    """``--json`` under a file (or naming a directory) fails at once, naming the option, rather
+    than after the whole benchmark has run; a missing directory is made."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the benchmark ran before --json was checked")
+    monkeypatch.setattr(bench, "run_problem", refuse)
+    (tmp_path / "file").write_text("x")
+    for path, fragment in [(tmp_path / "file" / "out.json", "--json: cannot make the directory"),
+                           (tmp_path, "--json: " + str(tmp_path) + " is a directory")]:
+        assert cli(["bench", "--seq", "64", "--json", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and fragment in err, err
+    for argv in (["--plot", str(tmp_path / "file" / "p.png")], ["--heads", "0"]):
+        assert cli(["bench", "--scaling", "--scaling-seq", "64", *argv]) == 2
+        assert "Traceback" not in capsys.readouterr().err
+    monkeypatch.undo()
+    out = tmp_path / "new" / "dir" / "bench.json"
+    assert cli(["bench", "--seq", "32", "--masks", "full", "--heads", "1", "--head-dim", "8", "--repeat", "1",
+                "--backends", "tiled", "--json", str(out)]) == 0
+    assert out.is_file()

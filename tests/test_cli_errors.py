@@ -47,9 +47,12 @@ def no_model_loads(monkeypatch):
     (["explain", "--compare", "a b", "c d"], "--compare needs --word"),
     (["explain", "--compare", "I sat on the bank", "a river", "--word", "bank"], "does not occur as a whole word in TEXT_B"),
     (["explain", LONG_TEXT], "pass --truncate to explain its first 512 tokens"),
+    (["explain", "  "], "the text (TEXT) is empty: nothing to explain"),
     (["explain", "--file", "/no/such/file.txt"], "--file: no such file"),
+    (["explain", "--file", "/"], "--file: / is a directory, expected a file"),
     (["generate", "--checkpoint", "/no/checkpoint"], "--checkpoint: no such directory: /no/checkpoint (train a model first"),
     (["generate", "--top-p", "1.5"], "--top-p must be in (0, 1]"),
+    (["generate", "--temperature", "nan"], "--temperature must be a finite number >= 0"),
     (["train", "--text", "/no/such/text.txt"], "--text: no such file"),
     (["train", "--steps", "0"], "--steps must be a positive number"),
     (["train", "--resume", "--out", "/no/run"], "--out: no such directory: /no/run to resume"),
@@ -101,3 +104,10 @@ def test_a_real_process_prints_one_line_and_exits_2():
         assert result.returncode == 2, result.stderr
         assert fragment in result.stderr and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and not result.stdout, result.stderr
+
+
+def test_generate_says_faster_when_recomputing_won():
+    from qkv.commands.generate import relative_speed
+
+    assert relative_speed(13.1, 1.0) == "13.1x slower"
+    assert relative_speed(0.8, 1.0) == "1.2x faster"  # not "0.8x slower"

@@ -79,3 +79,14 @@ def test_cross_attention_with_different_lengths_and_value_dim():
     assert ref.shape == (2, 4, 7, 24)
     for backend in ALL:
         torch.testing.assert_close(qkv.attention(q, k, v, backend=backend), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", [None, "reference", "tiled", "sdpa"])
+@pytest.mark.parametrize("mask", [None, "causal"])
+@pytest.mark.parametrize("shape_q,shape_k", [((2, 2, 4, 8), (2, 2, 0, 8)), ((2, 2, 0, 8), (2, 2, 5, 8)),
+                                             ((1, 2, 1, 8), (1, 2, 0, 8))])
+def test_empty_sequences_without_lse(backend, mask, shape_q, shape_k):
+    """The fast path's calls (no mask or causal, no lse) with an empty sequence: zeros, not an error."""
+    q, k, v = rand(*shape_q, seed=13, grad=False), rand(*shape_k, seed=14, grad=False), rand(*shape_k, seed=15, grad=False)
+    out = qkv.attention(q, k, v, qkv.causal() if mask else None, backend=backend)
+    assert out.shape == (shape_q[0], shape_q[1], shape_q[2], 8) and (out == 0).all()

@@ -174,3 +174,17 @@ def test_bad_inputs_raise():
         PerformerFeatures(8, 0)
     with pytest.raises(ValueError, match="feature_map"):
         linear_attention(q, q, q, feature_map="relu")
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("performer", [False, True])
+def test_padded_keys_never_matter_even_if_nan(causal, performer):
+    """As in qkv.attention: keys the padding hides do not reach any output, even NaN or inf ones
+    (a padded batch's unused slots hold whatever was there)."""
+    q, k, v = inputs(5, nq=9, nk=9)
+    mask = qkv.key_padding([9, 4]) if not causal else qkv.causal() & qkv.key_padding([9, 4])
+    attend = (lambda *a: performer_attention(*a, num_features=16)) if performer else linear_attention
+    clean = attend(q, k, v, mask)
+    k, v = k.clone(), v.clone()
+    k[1, :, 4:], v[1, :, 4:] = float("nan"), float("inf")
+    torch.testing.assert_close(attend(q, k, v, mask), clean, atol=1e-12, rtol=1e-12)

@@ -185,6 +185,8 @@ def test_default_offsets_are_bottom_right():
     (dict(k_offset=torch.tensor([1, 2, 3])), ValueError, r"k_offset must be an int or a \(B,\)"),
     (dict(k_offset=-1), ValueError, "k_offset must be >= 0"),
     (dict(q_offset=True), TypeError, "q_offset must be an int"),
+    (dict(q_offset=10 ** 20), ValueError, r"q_offset must lie in \[-2\*\*53, 2\*\*53\]"),
+    (dict(k_offset=torch.tensor(1 << 60)), ValueError, r"k_offset must lie in \[-2\*\*53, 2\*\*53\]"),
 ])
 def test_bad_offsets_raise_clear_errors(kwargs, error, message):
     q, k, v = _data(3, 7, seed=4, grad=False)
@@ -251,6 +253,22 @@ def test_merge_partials_keeps_dtypes_and_checks_arguments():
         qkv.merge_partials([out], [lse[..., :1]])
     with pytest.raises(TypeError, match="sequence of tensors"):
         qkv.merge_partials(out, lse)
+
+
+def test_merge_partials_keeps_a_visible_nan_nan():
+    """A row whose scores met NaN has NaN lse in its part; merged with parts that saw nothing
+    (lse -inf) it stays NaN, output and lse, as the whole problem gives (not lse -inf)."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 1, 4, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    q[0, 0, 3] = float("nan")
+    whole, whole_lse = qkv.attention(q, k, v, qkv.causal(), return_lse=True)
+    parts = [qkv.attention(q, k[:, :, a:b], v[:, :, a:b], qkv.causal(), return_lse=True, q_offset=0, k_offset=a)
+             for a, b in [(0, 2), (2, 4)]]
+    out, lse = qkv.merge_partials([o for o, _ in parts], [s for _, s in parts])
+    assert parts[1][1][0, 0, 0] == float("-inf") and whole_lse[0, 0, 3].isnan()
+    assert lse[0, 0, 3].isnan() and out[0, 0, 3].isnan().all()
+    _close(out[0, 0, :3], whole[0, 0, :3], "rows without NaN")
+    _close(lse[0, 0, :3], whole_lse[0, 0, :3], "their lse")
 
 
 # --------------------------------------------------------------------------------------------

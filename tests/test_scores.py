@@ -86,3 +86,17 @@ def test_modifiers_state_their_work_and_a_chain_adds_it_up():
     assert scores.relative_bias(torch.randn(4, 9)).work == 6.0
     assert scores.chain(alibi, cap).work == 9.0
     assert scores.as_score_mod(lambda s, b, h, q, k: s).work == 4.0  # a user function: the default
+
+
+@pytest.mark.parametrize("backend", ["reference", "tiled"])
+def test_a_modifier_returning_another_float_dtype_is_converted_back(backend):
+    """A float64 table added to float32 scores promotes them; the result is the scores' dtype
+    again (not a dtype error from inside the backend)."""
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    table = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    mod = scores.ScoreMod(lambda s, b, h, qi, ki, t: s + t[ki - qi + 4], (table,))
+    out = qkv.attention(q, k, v, score_mod=mod, backend=backend)
+    expected = qkv.attention(q, k, v, score_mod=scores.relative_bias(table.detach().float()), backend="reference")
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    assert table.grad is not None and torch.isfinite(table.grad).all()

@@ -174,9 +174,9 @@ def _decide(key: tuple, q: Tensor, k: Tensor, v: Tensor, mask, scale) -> tuple[b
 
     decision = None
     nk, kind, backend = k.shape[2], key[11], key[-1]
-    ends = (nk,) if kind == _CAUSAL_SQUARE else (nk, 1 << (nk.bit_length() - 1), (1 << nk.bit_length()) - 1)
     try:
-        if 0 not in (*q.shape, *k.shape, *v.shape) and q.device.type != "meta":
+        if 0 not in (*q.shape, *k.shape, *v.shape) and q.device.type != "meta":  # (Nk = 0 has no bucket ends)
+            ends = (nk,) if kind == _CAUSAL_SQUARE else (nk, 1 << (nk.bit_length() - 1), (1 << nk.bit_length()) - 1)
             chosen = set()
             for grad in (False, True):
                 with torch.inference_mode(False), torch.set_grad_enabled(grad):

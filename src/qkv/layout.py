@@ -19,6 +19,8 @@ pass the same mask with the same shapes, build it once.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -41,7 +43,7 @@ EMPTY, PARTIAL, FULL = int(TileKind.EMPTY), int(TileKind.PARTIAL), int(TileKind.
 def merge_kinds(kinds: Tensor) -> Tensor:
     """Reduce ``(..., nQB, nKB)`` tile kinds to ``(nQB, nKB)``: a tile is EMPTY (FULL) only if it
     is EMPTY (FULL) in every leading position, else PARTIAL."""
-    flat = kinds.reshape(-1, *kinds.shape[-2:])
+    flat = kinds.reshape(math.prod(kinds.shape[:-2]), *kinds.shape[-2:])  # (-1 is ambiguous with Nk = 0)
     lo, hi = flat.amin(0), flat.amax(0)
     partial = torch.full_like(lo, PARTIAL)
     return torch.where(hi == EMPTY, torch.full_like(lo, EMPTY), torch.where(lo == FULL, torch.full_like(lo, FULL),

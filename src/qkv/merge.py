@@ -51,14 +51,15 @@ def merge_partials(outs: Sequence[Tensor], lses: Sequence[Tensor]) -> tuple[Tens
         ``(out, lse)``: ``out (B, H, N, Dv)`` in the dtype of ``outs[0]`` and ``lse (B, H, N)`` in
         the widest dtype of ``lses``, exactly the attention over the union (up to rounding).
         Differentiable in every input. A row that saw nothing in any part gets zeros and
-        ``-inf`` (and zero gradients, never NaN).
+        ``-inf`` (and zero gradients, never NaN); a row whose lse is NaN in some part (NaN reached
+        a visible score) is NaN, output and lse.
     """
     _check(outs, lses)
     dtype = torch.promote_types(torch.float32, lses[0].dtype)
     for lse in lses[1:]:
         dtype = torch.promote_types(dtype, lse.dtype)
     stacked = torch.stack([lse.to(dtype) for lse in lses])  # (n, B, H, N)
-    seen = (stacked > float("-inf")).any(dim=0)
+    seen = (stacked != float("-inf")).any(dim=0)  # NaN counts as seen: a visible NaN stays NaN
     # Rows that saw nothing: all parts -inf; use 0 there so that no NaN reaches the gradient.
     safe = torch.where(seen, stacked, torch.zeros_like(stacked))
     total = torch.logsumexp(safe, dim=0)

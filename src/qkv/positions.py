@@ -22,11 +22,17 @@ from torch import Tensor
 Offset = int | Tensor
 
 
+#: The largest offset magnitude: position arithmetic (a window's ``q - left``) stays in int64.
+MAX_OFFSET = 1 << 53
+
+
 def _check_offset(name: str, value, batch: int, device: torch.device) -> Offset:
     """An int, or a ``(B,)`` int64 tensor on ``device`` (a one-element tensor becomes an int)."""
     if isinstance(value, bool):
         raise TypeError(f"{name} must be an int or a (B,) integer tensor, got bool")
     if isinstance(value, int):
+        if abs(value) > MAX_OFFSET:
+            raise ValueError(f"{name} must lie in [-2**53, 2**53] (positions are int64), got {value}")
         return value
     if isinstance(value, (list, tuple)):
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in value):
@@ -37,7 +43,7 @@ def _check_offset(name: str, value, batch: int, device: torch.device) -> Offset:
     if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
         raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
     if value.dim() == 0:
-        return int(value)
+        return _check_offset(name, int(value), batch, device)
     if value.dim() != 1 or value.shape[0] != batch:
         raise ValueError(f"{name} must be an int or a (B,) = ({batch},) tensor, got shape {tuple(value.shape)}")
     return value.to(device=device, dtype=torch.int64)

@@ -35,7 +35,9 @@ _BUILTIN_CONSTANTS: weakref.WeakValueDictionary = weakref.WeakValueDictionary() 
 class ScoreMod:
     """A score modifier ``fn(score, b, h, q, k, *tensors) -> score``.
 
-    ``tensors`` are the tensors ``fn`` reads that may need gradients. Call it as
+    ``tensors`` are the tensors ``fn`` reads that may need gradients. ``fn`` returns floating
+    scores of the shape it was given; another floating dtype (a float64 table added to float32
+    scores) is converted back to the scores' dtype. Call it as
     ``mod(score, b, h, q, k)``; backends that recompute scores call :meth:`apply` with detached
     copies of the tensors to obtain their gradients. ``work`` is about how many elementwise
     operations ``fn`` does per score (a lookup counts as one); the cost models charge it per
@@ -70,6 +72,8 @@ class ScoreMod:
         if out.shape != score.shape:
             raise ValueError(f"score_mod {self.name}: must return scores of the shape it was given, "
                              f"{tuple(score.shape)}, got {tuple(out.shape)}")
+        if out.dtype != score.dtype:  # e.g. a float64 table added to float32 scores: type promotion
+            out = out.to(score.dtype)
         return out
 
     def __call__(self, score, b, h, q, k):

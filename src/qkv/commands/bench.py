@@ -22,7 +22,7 @@ import torch
 from qkv import bench
 from qkv.commands import bench_scaling
 
-from .usage import UsageError, positive
+from .usage import UsageError, output_file, positive
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -67,6 +67,8 @@ def check_options(args: argparse.Namespace) -> None:
         positive("--" + flag.replace("_", "-"), getattr(args, flag), allow_none=False)
     for seq in args.seq:
         positive("--seq", seq, allow_none=False)
+    output_file("--json", args.json)  # before the run, not after it
+    output_file("--plot", getattr(args, "plot", None))
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: this machine has no CUDA device (use --device cpu)")
     try:
@@ -76,11 +78,11 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.scaling:
-        return bench_scaling.run(args)
     if args.gpu_suite:
         return _gpu_suite(args)
     check_options(args)
+    if args.scaling:
+        return bench_scaling.run(args)
     settings = {k: v for k, v in vars(args).items() if k not in ("json", "debug")}
     env = bench.environment()
     direction = "forward + backward" if args.backward else "forward"

@@ -145,11 +145,17 @@ def _check_options(args: argparse.Namespace) -> Path:
 
 
 def _read_text(args: argparse.Namespace) -> str:
+    """The text to explain; :class:`UsageError` if it is empty or only whitespace (the model
+    would see nothing but [CLS] [SEP])."""
     if args.file is not None:
-        return Path(args.file).read_text(encoding="utf-8")
-    if args.text == "-":
-        return sys.stdin.read()
-    return DEFAULT_TEXT if args.text is None else args.text
+        text, source = Path(args.file).read_text(encoding="utf-8"), f"--file {args.file}"
+    elif args.text == "-":
+        text, source = sys.stdin.read(), "standard input"
+    else:
+        text, source = (DEFAULT_TEXT if args.text is None else args.text), "TEXT"
+    if not text.strip():
+        raise UsageError(f"the text ({source}) is empty: nothing to explain")
+    return text
 
 
 def _tokenize(directory: Path, config, text: str, truncate: bool) -> tuple[list[str], torch.Tensor, int]:

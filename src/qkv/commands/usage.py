@@ -6,7 +6,7 @@
 * :class:`Parser`: an ``argparse.ArgumentParser`` whose errors are that same one line (argparse's
   own print the usage block first), and whose help shows every option's default.
 * Checks shared by the commands, each naming the option: :func:`existing_file`,
-  :func:`existing_dir`, :func:`positive`, :func:`non_negative`, :func:`backend_name`.
+  :func:`existing_dir`, :func:`output_file`, :func:`positive`, :func:`non_negative`, :func:`backend_name`.
 
 Commands check their options before loading a model, so a typo costs no waiting.
 """
@@ -54,8 +54,27 @@ def existing_file(option: str, path: str | Path | None) -> Path | None:
     if path is None:
         return None
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option}: {path} is a directory, expected a file")
     if not path.is_file():
         raise UsageError(f"{option}: no such file: {path}")
+    return path
+
+
+def output_file(option: str, path: str | Path | None) -> Path | None:
+    """``path`` as a Path if a file can be written there (its directory is made if missing; None
+    passes through), else :class:`UsageError`: checked before a long run, not after it."""
+    if path is None:
+        return None
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{option}: {path} is a directory, expected a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"{option}: cannot make the directory {path.parent}: {e.strerror or e}") from None
+    if not path.parent.is_dir():
+        raise UsageError(f"{option}: {path.parent} is not a directory")
     return path
 
 

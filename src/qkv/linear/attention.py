@@ -96,8 +96,10 @@ def kernel_attention(phi_q: Tensor, phi_k: Tensor, v: Tensor, *, causal: bool, k
     hkv, nk, dv = phi_k.shape[1], phi_k.shape[2], v.shape[-1]
     group = hq // hkv
     v = v.to(phi_q.dtype)
-    if keep is not None:
-        phi_k = phi_k * keep[:, None, :, None].to(phi_k.dtype)
+    if keep is not None:  # selected, not multiplied: a hidden key's NaN/inf must not reach a sum (0 * NaN)
+        hidden = ~keep[:, None, :, None]
+        phi_k = phi_k.masked_fill(hidden, 0.0)
+        v = v.masked_fill(hidden, 0.0)
     pq = phi_q.view(batch, hkv, group, nq, nf)
     s0 = z0 = None
     if state is not None:
