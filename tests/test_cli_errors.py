@@ -76,6 +76,14 @@ def test_train_refuses_an_existing_out_without_resume_or_overwrite(tmp_path, cap
     one_line_error(capsys, ["train", "--out", str(tmp_path), "--resume", "--overwrite"], "contradict")
 
 
+def test_train_refuses_an_infinite_learning_rate(tmp_path, capsys):
+    """--lr inf passed '> 0' and trained the weights into NaN; it is refused before training."""
+    one_line_error(capsys, ["train", "--lr", "inf", "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size",
+                            "1", "--context", "8", "--dim", "8", "--layers", "1", "--heads", "1", "--no-progress"],
+                   "--lr must be a finite number > 0, got inf")
+    assert not (tmp_path / "run").exists()
+
+
 def test_every_option_says_its_default():
     for name in COMMANDS:
         parser = command_parser(name)

@@ -153,6 +153,10 @@ def test_bad_settings_and_text(tmp_path):
         TrainSettings(min_lr_ratio=2.0)
     with pytest.raises(ValueError, match="warmup must be an int >= 0"):
         TrainSettings(warmup=-1)
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got inf"):
+        TrainSettings(lr=math.inf)  # trained every weight into NaN
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0, got inf"):
+        TrainSettings(weight_decay=math.inf)
     with pytest.raises(FileNotFoundError, match="no such file"):
         corpus.read_text(tmp_path / "missing.txt")
     with pytest.raises(ValueError, match="fewer than context"):
@@ -183,3 +187,18 @@ def test_cli_train_then_generate(tmp_path, capsys):
     assert "already holds files; pass --resume to continue its run or --overwrite" in capsys.readouterr().err
     assert cli([*fresh, "--overwrite"]) == 0
     assert "done: step 2" in capsys.readouterr().out
+
+
+def test_cli_train_stopped_early_says_so(tmp_path, capsys):
+    """--stop-after ends a run before --steps: the CLI says it stopped (not "done"), and which step
+    its last validation loss is from."""
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(corpus.default_text()[:20_000])
+    out = tmp_path / "run"
+    assert cli(["train", "--text", str(text_file), "--out", str(out), "--steps", "4", "--stop-after", "3",
+                "--batch-size", "2", "--context", "16", "--eval-every", "2", "--dim", "16", "--layers", "1",
+                "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "done" not in printed and "next: qkv generate" not in printed, printed
+    assert "stopped at step 3 of 4 (last validation loss" in printed and "at step 2)" in printed, printed
+    assert "continue with --resume" in printed

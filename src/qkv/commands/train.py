@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def _check_options(args: argparse.Namespace) -> None:
     for flag in ("steps", "batch_size", "context", "eval_every", "dim", "layers", "heads", "stop_after"):
         positive("--" + flag.replace("_", "-"), getattr(args, flag))
     positive("--lr", args.lr)
+    if args.lr is not None and not math.isfinite(args.lr):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")
@@ -88,12 +91,17 @@ def run(args: argparse.Namespace) -> int:
     summary = train(args.out, text, settings, config, resume=args.resume, stop_after=args.stop_after,
                     progress=not args.no_progress)
     final = summary["history"][-1] if summary["history"] else None
-    if final:
+    if summary["step"] < settings.steps:  # --stop-after: not done, and the last evaluation may be older
+        measured = (f" (last validation loss {final['val_loss']:.3f} nats/byte, at step {final['step']})"
+                    if final else "")
+        print(f"stopped at step {summary['step']} of {settings.steps}{measured}; checkpoint in {summary['out_dir']}; "
+              "continue with --resume")
+    elif final:
         beat = summary["unigram_loss"] - final["val_loss"]
         side = "below" if beat >= 0 else "above (train longer: --steps)"
         print(f"done: step {summary['step']}, validation loss {final['val_loss']:.3f} nats/byte, {abs(beat):.3f} "
               f"{side} the unigram baseline of {summary['unigram_loss']:.3f}; checkpoint in {summary['out_dir']}")
         print(f"next: qkv generate --checkpoint {summary['out_dir']} --prompt 'The '")
     else:
-        print(f"stopped at step {summary['step']}; checkpoint in {summary['out_dir']}; continue with --resume")
+        print(f"done: step {summary['step']}; checkpoint in {summary['out_dir']}")
     return 0

@@ -48,8 +48,9 @@ class TrainSettings:
             positive_int(name, getattr(self, name))
         if not isinstance(self.warmup, int) or isinstance(self.warmup, bool) or self.warmup < 0:
             raise ValueError(f"warmup must be an int >= 0, got {self.warmup!r}")
-        for name, ok, expected in (("lr", self.lr > 0, "> 0"), ("grad_clip", self.grad_clip > 0, "> 0"),
-                                   ("weight_decay", self.weight_decay >= 0, ">= 0"),
+        for name, ok, expected in (("lr", 0 < self.lr < math.inf, "a finite number > 0"),
+                                   ("grad_clip", self.grad_clip > 0, "> 0"),
+                                   ("weight_decay", 0 <= self.weight_decay < math.inf, "a finite number >= 0"),
                                    ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
                                    ("val_fraction", 0 < self.val_fraction < 1, "in (0, 1)")):
             if not ok:
