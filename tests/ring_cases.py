@@ -220,6 +220,11 @@ def run_all(rank: int, world: int) -> dict:
     results["mismatched_heads"] = _expect_error(lambda: ring_attention(x, x, x), ValueError)
     y = torch.randn(1, 2, 3 + rank, 8, dtype=torch.float64)
     results["zigzag_bad_lengths"] = _expect_error(lambda: ring_attention(y, y, y, layout="zigzag"), ValueError)
+    # A rank whose own arguments are wrong (k shorter than q) raises at once; the others must not
+    # wait for it in the shape exchange (a bounded wait would end in RuntimeError, after 5 s).
+    z = torch.randn(1, 2, 4, 8, dtype=torch.float64)
+    bad_k = z[:, :, :3] if rank == 1 else z
+    results["local_bad_argument"] = _expect_error(lambda: ring_attention(z, bad_k, bad_k, timeout=5.0), Exception)
     # A stuck peer: on the pair (2, 3), rank 3 takes part in the shape exchange but never sends
     # K/V; rank 2 must fail within its timeout, naming what it waited for.
     if rank >= 2:

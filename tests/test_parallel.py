@@ -82,6 +82,15 @@ def test_bad_input_raises_on_every_rank(ranks):
         assert results["zigzag_bad_lengths"].startswith("ValueError") and "zigzag" in results["zigzag_bad_lengths"]
 
 
+def test_a_rank_with_bad_arguments_fails_every_rank_at_once(ranks):
+    """Rank 1 passes k shorter than q: it raises its own error, and every other rank a ValueError
+    naming rank 1, instead of waiting for it in the shape exchange until the timeout."""
+    assert ranks[1]["local_bad_argument"].startswith("ValueError: q and k must hold the same positions")
+    for rank in (0, 2, 3):
+        message = ranks[rank]["local_bad_argument"]
+        assert message.startswith("ValueError: ring_attention: rank 1 of the group passed invalid arguments"), message
+
+
 def test_stuck_peer_times_out_with_a_message(ranks):
     message = ranks[2]["stuck_peer"]
     assert message.startswith("RuntimeError") and "(global rank 2) gave up waiting for the K/V shard of rank 1" \

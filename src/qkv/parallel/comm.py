@@ -94,6 +94,9 @@ class Ring:
         self.wait(Pending([work], "every rank's shapes (does every rank call ring_attention?)"))
         return [t.tolist() for t in everyone]
 
-    def comm_device(self, data_device: torch.device) -> torch.device:
-        """Where messages live: the data's device for NCCL, CPU for gloo."""
-        return data_device if dist.get_backend(self.group) == "nccl" else torch.device("cpu")
+    def comm_device(self, data_device: torch.device | None) -> torch.device:
+        """Where messages live: the data's device for NCCL (the current CUDA device for None),
+        CPU for gloo."""
+        if dist.get_backend(self.group) != "nccl":
+            return torch.device("cpu")
+        return torch.device("cuda", torch.cuda.current_device()) if data_device is None else data_device

@@ -108,17 +108,15 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, mask=None, *, group=None, la
         backward runs the ring again (every rank must call backward, as with DDP).
     """
     ring = Ring(group, timeout)
-    problem = make_problem(q, k, v, scale=scale)  # local shape, dtype and device checks
-    if q.shape[2] != k.shape[2]:
-        raise ValueError(f"q and k must hold the same positions of the sequence (self-attention), got "
-                         f"{q.shape[2]} queries and {k.shape[2]} keys on rank {ring.rank}")
-    layout = check_layout(layout)
-    comm_device = ring.comm_device(q.device)
-    if comm_device != q.device:
-        raise ValueError(f"q is on {q.device}, but the process group's backend ({comm_device.type} messages) "
-                         "cannot send it; use NCCL for CUDA tensors, gloo for CPU tensors")
-    shape = [q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES[q.dtype]]
+    try:  # local checks; a rank that fails them still joins the shape exchange, so no peer waits for it
+        problem, comm_device = _check_local(ring, q, k, v, scale, layout)
+        shape = [q.shape[0], q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], _DTYPE_CODES[q.dtype], 0]
+        local_error = None
+    except (TypeError, ValueError) as error:
+        comm_device, shape, local_error = ring.comm_device(None), [0] * 7 + [1], error
     everyone = ring.all_gather_ints(shape, comm_device)
+    if local_error is not None:
+        raise local_error
     _check_same_problem(everyone, ring.rank)
     lengths = [s[3] for s in everyone]
     pieces = pieces_from_lengths(lengths, layout)
@@ -157,7 +155,25 @@ def _plan(mask, gmask: GlobalMask, pieces) -> RingPlan:
     return plans[key]
 
 
+def _check_local(ring: Ring, q, k, v, scale, layout):
+    """This rank's own arguments (shapes, dtypes, devices, layout): ``(problem, message device)``."""
+    problem = make_problem(q, k, v, scale=scale)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(f"q and k must hold the same positions of the sequence (self-attention), got "
+                         f"{q.shape[2]} queries and {k.shape[2]} keys on rank {ring.rank}")
+    check_layout(layout)
+    comm_device = ring.comm_device(q.device)
+    if comm_device != q.device:
+        raise ValueError(f"q is on {q.device}, but the process group's backend ({comm_device.type} messages) "
+                         "cannot send it; use NCCL for CUDA tensors, gloo for CPU tensors")
+    return problem, comm_device
+
+
 def _check_same_problem(everyone: list[list[int]], rank: int) -> None:
+    failed = [r for r, s in enumerate(everyone) if s[7]]
+    if failed:
+        raise ValueError(f"ring_attention: rank {', '.join(map(str, failed))} of the group passed invalid arguments "
+                         f"(the error is raised there); seen on rank {rank}")
     names = ("batch size", "query heads", "key/value heads", None, "head_dim", "value head_dim", "dtype")
     for i, name in enumerate(names):
         if name is None:
