@@ -140,6 +140,22 @@ def test_filter_logits_keeps_top_k_and_the_nucleus():
     assert torch.equal(filter_logits(logits, top_k=9, top_p=1.0), logits)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nucleus_of_half_precision_logits_is_the_smallest_set_reaching_top_p(dtype):
+    """bfloat16/float16 logits (B, V): the nucleus is that of their exact probabilities (summed in
+    float64 here), not of a cumulative sum rounded in half precision, which drifts by hundreds of
+    tokens over a large vocabulary."""
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(4, 4000, generator=g, dtype=torch.float64) * 2).to(dtype)
+    for top_p in (0.5, 0.9, 0.99):
+        kept = torch.isfinite(filter_logits(logits, top_p=top_p))
+        probs = torch.softmax(logits.double(), -1)
+        mass = (probs * kept).sum(-1)
+        smallest_kept = probs.masked_fill(~kept, 2.0).amin(-1)
+        assert (mass >= top_p - 1e-6).all(), (top_p, mass)
+        assert (mass - smallest_kept < top_p + 1e-6).all(), (top_p, mass - smallest_kept)
+
+
 def test_sampling_follows_the_tempered_distribution():
     logits = torch.tensor([[1.0, 0.0, -1.0, 2.0]]).expand(40000, 4)
     gen = torch.Generator().manual_seed(0)

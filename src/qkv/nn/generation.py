@@ -18,14 +18,16 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | No
     """``logits (B, V)`` with every token outside the top-``k`` and outside the nucleus set to ``-inf``.
 
     The nucleus (Holtzman et al., 2020) is the smallest set of most probable tokens whose
-    probabilities sum to at least ``top_p``; the most probable token is always kept.
+    probabilities sum to at least ``top_p``; the most probable token is always kept. The
+    probabilities and their running sum are float32 at least (a half-precision running sum over a
+    large vocabulary drifts by hundreds of tokens).
     """
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        probs = torch.softmax(sorted_logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
         mass_before = torch.cumsum(probs, dim=-1) - probs
         sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
