@@ -129,6 +129,17 @@ def test_sampling_is_reproducible_with_a_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_a_tiny_temperature_tends_to_greedy():
+    """``logits / temperature`` past float32's range is inf, and softmax of inf is NaN: a tiny but
+    valid temperature must give the argmax, not a multinomial error."""
+    logits = torch.tensor([[1.0, 3.0, 2.0], [50.0, -20.0, 49.0]])
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (1e-30, 1e-38, 1e-45):
+        draws = sample_next_token(logits, temperature=temperature, top_k=2, top_p=0.9, generator=gen)
+        assert draws.tolist() == [1, 0], temperature
+        assert sample_next_token(logits, temperature=temperature, generator=gen).tolist() == [1, 0]
+
+
 def test_filter_logits_keeps_top_k_and_the_nucleus():
     logits = torch.log(torch.tensor([[0.05, 0.4, 0.1, 0.3, 0.15]]))
     kept = torch.isfinite(filter_logits(logits, top_k=2))

@@ -37,10 +37,13 @@ def filter_logits(logits: Tensor, *, top_k: int | None = None, top_p: float | No
 def sample_next_token(logits: Tensor, *, temperature: float = 1.0, top_k: int | None = None,
                       top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """One token id per row of ``logits (B, V)``: the argmax for ``temperature == 0``, else a draw
-    from ``softmax(logits / temperature)`` restricted by ``top_k`` / ``top_p``. Returns ``(B,)`` int64."""
+    from ``softmax(logits / temperature)`` restricted by ``top_k`` / ``top_p``. Returns ``(B,)`` int64.
+    The logits are shifted by their row maximum before the division (the same distribution), so a
+    tiny temperature tends to greedy instead of overflowing to ``inf`` (NaN probabilities)."""
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = filter_logits(logits.float() / temperature, top_k=top_k, top_p=top_p)
+    logits = logits.float()
+    scaled = filter_logits((logits - logits.amax(dim=-1, keepdim=True)) / temperature, top_k=top_k, top_p=top_p)
     return torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=generator).squeeze(-1)
 
 
