@@ -60,3 +60,17 @@ def test_dropout_p_is_validated():
     for bad in (-0.1, 1.0, 1.5, "0.1"):
         with pytest.raises(ValueError, match="dropout_p must be a number in \\[0, 1\\)"):
             qkv.attention(q, q, q, dropout_p=bad)
+
+
+def test_seeds_a_bit_apart_do_not_share_masks_across_heads():
+    """Seed ``s`` and seed ``s ^ 1`` give unrelated masks on every pair of heads (the unmixed
+    ``(b * H + h) ^ seed`` gave seed ``s``'s head 0 exactly seed ``s ^ 1``'s head 1)."""
+    from qkv.dropout import keep_mask
+
+    b, h = torch.zeros(1, 1, 1, 1, dtype=torch.int64), torch.arange(4).view(1, 4, 1, 1)
+    rows, cols = torch.arange(32).view(1, 1, 32, 1), torch.arange(32).view(1, 1, 1, 32)
+    for seed in (1234, 98765, 2**30 + 7):
+        a = keep_mask(seed, 0.5, b, h, 4, rows, cols)[0]
+        c = keep_mask(seed ^ 1, 0.5, b, h, 4, rows, cols)[0]
+        agree = (a[:, None] == c[None, :]).float().mean(dim=(-1, -2))  # (4, 4): heads of a x heads of c
+        assert agree.max() < 0.6, (seed, agree)  # independent masks agree on ~half of 1024 weights

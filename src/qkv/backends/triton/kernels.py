@@ -12,7 +12,8 @@ soft-cap, relative bias in the given order), then the mask (-inf). Online softma
 ``P = exp(s - lse)``; ``dS = P * (dP - delta)`` with ``delta = rowsum(dO * O) - dlse``.
 
 Positions: query row ``i`` of batch ``b`` is at ``QOFF[b] + i``, key column ``j`` at ``KOFF[b] + j``.
-Dropout: the keep decision is :mod:`qkv.dropout`'s hash of ``(seed, b * Hq + h, row, column)``.
+Dropout: the keep decision is :mod:`qkv.dropout`'s hash of ``(seed, b * Hq + h, row, column)``; the
+launcher passes the seed already mixed (:func:`qkv.dropout.mixed_seed`).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ import triton
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ... import dropout as _dropout
 from ...problem import Problem
 from . import configs, kernels
 from .blocks import TileLists, expanded_strides, kv_lists, pack_partial_tiles, positions, query_lists, tile_kinds
@@ -68,7 +69,7 @@ class Launch:
             self.mask_ints = torch.zeros(8, dtype=torch.int32, device=dev)
             self.mask_data = torch.zeros(1, dtype=torch.int32, device=dev)
         self.dropout = p.dropout_p > 0
-        self.seed = p.seed if self.dropout else 0
+        self.seed = _dropout.mixed_seed(p.seed) if self.dropout else 0  # the kernel's hash takes it mixed
         self.threshold = int(p.dropout_p * 2**32) if self.dropout else 0
         self.inv_keep = 1.0 / (1.0 - p.dropout_p)
         self._tiles: dict[tuple[int, int], _Tiles] = {}
