@@ -30,6 +30,7 @@ v = torch.randn(2, 2, 6, 8)
     ((q, k, v), {"scale": float("nan")}, ValueError, "scale must be a finite number"),
     ((q, k, v), {"dropout_p": 1.0}, ValueError, r"dropout_p must be a number in \[0, 1\)"),
     ((q, k, v), {"generator": 3}, TypeError, "generator must be a torch.Generator"),
+    ((q, k, v), {"return_lse": "yes"}, TypeError, "return_lse must be True or False, got 'yes'"),
     ((q, k, v), {"score_mod": 3}, TypeError, "score_mod must be None"),
     ((q, k, v), {"backend": "flash"}, ValueError, r"backend must be None or one of \["),
     ((q, k, v), {"mask": qkv.key_padding([1, 2, 3])}, ValueError, "key_padding: lengths has 3 entries"),

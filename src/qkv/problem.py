@@ -229,6 +229,8 @@ def make_problem(q, k, v, mask=None, *, scale=None, score_mod=None, dropout_p=0.
         raise ValueError(f"scale must be a finite number or None (1/sqrt(head_dim)), got {scale!r}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if not isinstance(return_lse, bool):  # a truthy 'yes' or tensor would change what is returned
+        raise TypeError(f"return_lse must be True or False, got {return_lse!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     batch, heads, nq, nk = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
