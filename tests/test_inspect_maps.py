@@ -117,7 +117,6 @@ def test_rows_that_see_nothing_are_zero():
     assert not torch.isnan(pooled).any()
 
 
-
 @pytest.mark.parametrize("nq,nk", [(5, 0), (0, 5)])
 @pytest.mark.parametrize("mask", [None, "causal"])
 def test_empty_sequences_give_empty_maps(nq, nk, mask):
@@ -127,6 +126,7 @@ def test_empty_sequences_give_empty_maps(nq, nk, mask):
     assert pooled_attention_map(q, k, mask, block=2).shape == (1, 2, math.ceil(nq / 2), math.ceil(nk / 2))
     if nq:
         assert attention_rows(q, k, mask, rows=0).shape == (1, 2, 1, 0)
+
 
 def test_mean_pooled_rows_keep_their_mass():
     """Every row's weights sum to 1, so a band of rows keeps its mass: sum_j mean_ij * width_j == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import shutil
 from pathlib import Path
 
@@ -54,8 +53,6 @@ def _check_options(args: argparse.Namespace) -> None:
     for flag in ("steps", "batch_size", "context", "eval_every", "dim", "layers", "heads", "stop_after"):
         positive("--" + flag.replace("_", "-"), getattr(args, flag))
     positive("--lr", args.lr)
-    if args.lr is not None and not math.isfinite(args.lr):
-        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
     out = Path(args.out)
     if args.resume and args.overwrite:
         raise UsageError("--resume and --overwrite contradict each other: continue the run, or replace it")

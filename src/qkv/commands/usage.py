@@ -14,6 +14,7 @@ Commands check their options before loading a model, so a typo costs no waiting.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 
@@ -102,11 +103,14 @@ def trained_checkpoint(option: str, path: str | Path, hint: str) -> Path:
 
 
 def positive(option: str, value, *, allow_none: bool = True):
-    """``value`` if it is > 0 (or None when ``allow_none``), else :class:`UsageError`."""
+    """``value`` if it is > 0 and finite (or None when ``allow_none``), else :class:`UsageError`
+    (``inf`` is no number to train or time with: ``--lr inf`` trained every weight into NaN)."""
     if value is None and allow_none:
         return value
     if value is None or not value > 0:
         raise UsageError(f"{option} must be a positive number, got {value}")
+    if not math.isfinite(value):
+        raise UsageError(f"{option} must be a finite number > 0, got {value}")
     return value
 
 
